@@ -1,0 +1,11 @@
+"""editcore: Editable Neural Networks (Sinitsin et al., ICLR 2020) as a GUI-free library."""
+from .checkpoint import Checkpoint, load_checkpoint, read_card, save_checkpoint
+from .data import CLASSES, DataError, ImageSet, augment, load_cifar10, load_sample, normalize, resolve_data_root
+from .device import pick_device
+from .edit import EditableModel, EditResult, edit, edit_loss, eval_mode
+from .editors import EDITORS, Editor, create_editor
+from .metrics import EditRecord, HeldOutEvaluator, draw_edits, evaluate_edits, summarize
+from .models import DEFAULT_ARCH, MODELS, create_model, default_editable_prefix, editable_names
+from .training import TrainConfig, accuracy, train
+
+__all__ = [name for name in dir() if not name.startswith("_")]

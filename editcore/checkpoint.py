@@ -1,0 +1,85 @@
+"""Checkpoints: safetensors weights with the JSON model card in the header and beside the file.
+
+Loading reads tensors and JSON only, never a pickle, so a checkpoint from anyone is safe to open.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from .editors import Editor, editor_from_state
+from .models import StagedNet, create_model
+
+EDITOR_KEY = "editor."
+
+
+@dataclass
+class Checkpoint:
+    model: StagedNet
+    editor: Editor | None
+    card: dict
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=5, cwd=Path(__file__).resolve().parent).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def card_path(path: str | Path) -> Path:
+    return Path(path).with_suffix(".json")
+
+
+def save_checkpoint(path: str | Path, model: StagedNet, card: dict, editor: Editor | None = None) -> Path:
+    """Write weights (+ editor hyper-parameter tensors) and the card; `card['arch']` is required."""
+    if "arch" not in card:
+        raise ValueError("a model card needs at least 'arch'")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if editor is not None:
+        card = {**card, "editor": {"name": editor.name, **editor.hyperparameters()}}
+        tensors.update({EDITOR_KEY + k: v.detach().cpu() for k, v in editor.state_dict().items()})
+    text = json.dumps(card, indent=2, sort_keys=True)
+    save_file(tensors, str(path), metadata={"card": text})
+    card_path(path).write_text(text + "\n")
+    return path
+
+
+def read_card(path: str | Path) -> dict:
+    """The card from the safetensors header (no tensor is loaded)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"{path} is not a safetensors checkpoint: {exc}") from exc
+    if "card" not in metadata:
+        raise ValueError(f"{path} has no model card in its header")
+    return json.loads(metadata["card"])
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Checkpoint:
+    card = read_card(path)
+    tensors = load_file(str(path), device=str(device))
+    model = create_model(card["arch"]).to(device)
+    model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(EDITOR_KEY)})
+    model.eval()
+    editor = None
+    if "editor" in card:
+        state = {k[len(EDITOR_KEY):]: v for k, v in tensors.items() if k.startswith(EDITOR_KEY)}
+        editor = editor_from_state(card["editor"]["name"], state).to(device)
+    return Checkpoint(model, editor, card)

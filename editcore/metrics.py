@@ -1,0 +1,123 @@
+"""The paper's edit protocol: N seeded edits, each from the unedited model, scored on held-out data.
+
+Re-evaluating held-out images after an edit only re-runs the stages from the first editable one:
+their inputs (`HeldOutEvaluator.features`) are computed once and cached.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .data import ImageSet, normalize
+from .edit import EditableModel, EditResult, edit, eval_mode
+from .editors import Editor, Params
+
+
+class HeldOutEvaluator:
+    """Predictions on a fixed held-out set for the base model and for any edited params."""
+
+    def __init__(self, editable: EditableModel, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 2500):
+        self.editable = editable
+        self.labels = labels
+        self.batch_size = batch_size
+        self.images = images
+        with torch.no_grad(), eval_mode(editable.model):
+            self.features = torch.cat([editable.features(normalize(images[i : i + batch_size]))
+                                       for i in range(0, len(labels), batch_size)])
+        self.base_predictions = self.predict()
+
+    @torch.no_grad()
+    def predict(self, params: Params | None = None) -> torch.Tensor:
+        """Predicted classes from the cached features (re-runs only the stages after the split)."""
+        with eval_mode(self.editable.model):
+            return torch.cat([self.editable.logits_from_features(self.features[i : i + self.batch_size], params).argmax(1)
+                              for i in range(0, len(self.labels), self.batch_size)])
+
+    @torch.no_grad()
+    def predict_full(self, params: Params | None = None) -> torch.Tensor:
+        """The same predictions through the whole model (reference for the cache; slower)."""
+        with eval_mode(self.editable.model):
+            return torch.cat([self.editable.logits(normalize(self.images[i : i + self.batch_size]), params).argmax(1)
+                              for i in range(0, len(self.labels), self.batch_size)])
+
+    def error(self, predictions: torch.Tensor) -> float:
+        return float((predictions != self.labels).float().mean())
+
+    @property
+    def base_error(self) -> float:
+        return self.error(self.base_predictions)
+
+
+@dataclass
+class EditRecord:
+    index: int  # position of the edited image in the edit source
+    target: int
+    success: bool
+    steps: int
+    seconds: float
+    error_after: float
+
+
+def summarize(records: list[EditRecord], base_error: float) -> dict:
+    """Drawdown = mean error after edit - base error; success rate; mean steps; mean edit time."""
+    if not records:
+        raise ValueError("no edits to summarise")
+    errors = np.array([r.error_after for r in records])
+    return {
+        "test_error": base_error,
+        "drawdown": float(errors.mean() - base_error),
+        "success_rate": float(np.mean([r.success for r in records])),
+        "mean_steps": float(np.mean([r.steps for r in records])),
+        "mean_edit_seconds": float(np.mean([r.seconds for r in records])),
+        "n_edits": len(records),
+    }
+
+
+def draw_edits(edit_set: ImageSet, n_edits: int, seed: int, targets: str = "random", classes: int = 10):
+    """Seeded (row, target) pairs. 'random': uniform over all classes, so a target may equal the
+    true label (as in the paper's code; such an edit can succeed in 0 steps). 'true': true labels."""
+    gen = torch.Generator().manual_seed(seed)
+    n = min(n_edits, len(edit_set)) if targets == "true" else n_edits
+    rows = torch.randperm(len(edit_set), generator=gen)[:n] if n <= len(edit_set) else \
+        torch.randint(0, len(edit_set), (n,), generator=gen)
+    if targets == "random":
+        chosen = torch.randint(0, classes, (n,), generator=gen)
+    elif targets == "true":
+        chosen = edit_set.labels[rows].cpu()
+    else:
+        raise ValueError(f"targets must be 'random' or 'true', not {targets!r}")
+    return rows.tolist(), chosen.tolist()
+
+
+def evaluate_edits(
+    editable: EditableModel,
+    editor: Editor,
+    heldout: HeldOutEvaluator,
+    edit_set: ImageSet,
+    n_edits: int = 1000,
+    seed: int = 0,
+    max_steps: int = 10,
+    targets: str = "random",
+    fix: Callable[[torch.Tensor, torch.Tensor], EditResult] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[dict, list[EditRecord]]:
+    """Run the protocol; `fix` replaces the default editor call (same inputs, an EditResult)."""
+    device = heldout.features.device
+    fix = fix or (lambda x, y: edit(editable, x, y, editor, max_steps))
+    rows, chosen = draw_edits(edit_set, n_edits, seed, targets)
+    records, start = [], time.perf_counter()
+    for i, (row, target) in enumerate(zip(rows, chosen)):
+        x = normalize(edit_set.images[row : row + 1].to(device))
+        result = fix(x, torch.tensor([target], device=device))
+        records.append(EditRecord(int(edit_set.indices[row]), target, result.success, result.steps, result.seconds,
+                                  heldout.error(heldout.predict(result.params))))
+        if progress:
+            progress(i + 1, len(rows))
+    summary = summarize(records, heldout.base_error)
+    summary.update(n_heldout=len(heldout.labels), seconds=round(time.perf_counter() - start, 2), seed=seed,
+                   max_steps=max_steps, targets=targets)
+    return summary, records
