@@ -47,6 +47,7 @@ class TrainConfig:
     order: str = "second"
     edit_targets: str = "random"  # or 'match-ranks'
     rank_probs: list[float] = field(default_factory=list)  # match-ranks: P(rank r) for the target
+    time_budget_s: float = 0.0  # >0: after the first steps, cut the epoch count to fit this budget
 
     def resolved(self) -> "TrainConfig":
         c = TrainConfig(**asdict(self))
@@ -92,7 +93,8 @@ def train_step(model, editable, editor, optimizer, x, y, train_set, config, gen)
     model.train()
     logits = model(x)
     loss = base = nn.functional.cross_entropy(logits, y)
-    stats = {"loss_base": float(base.detach()), "correct": int((logits.argmax(1) == y).sum())}
+    # Tensors, not floats: converting every step would stall the GPU; the epoch loop sums them.
+    stats = {"loss_base": base.detach(), "correct": (logits.argmax(1) == y).sum()}
     if config.editable:
         i = torch.randint(0, len(train_set), (1,), generator=gen).to(train_set.images.device)
         x_edit = normalize(train_set.images[i])
@@ -107,7 +109,7 @@ def train_step(model, editable, editor, optimizer, x, y, train_set, config, gen)
             ref = editable.logits_from_features(features).detach()
             loss_loc = kl_div(ref, editable.logits_from_features(features, result.params))
         loss = base + config.c_edit * loss_edit + config.c_loc * loss_loc
-        stats.update(loss_edit=float(loss_edit.detach()), loss_loc=float(loss_loc.detach()), edit_success=float(result.success),
+        stats.update(loss_edit=loss_edit.detach(), loss_loc=loss_loc.detach(), edit_success=float(result.success),
                      edit_steps=float(result.steps))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -159,10 +161,11 @@ def train(
     total = steps_per_epoch * config.epochs
     warmup = int(config.warmup_epochs * steps_per_epoch)
     history, step, start = [], 0, time.time()
-    for epoch in range(config.epochs):
+    epoch = 0
+    while epoch < config.epochs:
         order = torch.randperm(len(train_set), generator=gen).to(device)
         sums: dict[str, float] = {}
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", file=sys.stderr,
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}", file=sys.stderr,
                    mininterval=5, leave=False, disable=None)
         for b in bar:
             for group in optimizer.param_groups:
@@ -175,8 +178,19 @@ def train(
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + v
             step += 1
+            if step == 10:
+                timer = time.time()  # steps before this one pay for warm-up (allocator, cuDNN autotune)
+            if step == 60 and config.time_budget_s > 0:
+                # Fit the schedule to the budget early (still in warm-up), so the cosine still ends at 0.
+                per_epoch = (time.time() - timer) / 50 * steps_per_epoch
+                fitting = max(1, int(config.time_budget_s / (per_epoch * 1.05)))
+                if fitting < config.epochs:
+                    log(f"time budget {config.time_budget_s:.0f} s: ~{per_epoch:.1f} s/epoch, running {fitting} "
+                        f"of {config.epochs} epochs")
+                    config.epochs, total = fitting, steps_per_epoch * fitting
             if b % 20 == 0:
-                bar.set_postfix(loss=f"{stats['loss_base']:.3f}", acc=f"{sums['correct'] / ((b + 1) * len(idx)):.3f}")
+                bar.set_postfix(loss=f"{float(stats['loss_base']):.3f}", acc=f"{float(sums['correct']) / ((b + 1) * len(idx)):.3f}")
+        sums = {k: float(v) for k, v in sums.items()}
         record = {"epoch": epoch + 1, "seconds": round(time.time() - start, 1),
                   "train_accuracy": sums["correct"] / (steps_per_epoch * config.batch_size)}
         record.update({k: v / steps_per_epoch for k, v in sums.items() if k != "correct"})
@@ -186,6 +200,7 @@ def train(
             record["editor"] = editor.hyperparameters()
         history.append(record)
         log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+        epoch += 1
     model = model.to(memory_format=torch.contiguous_format).eval()
     summary = {"config": asdict(config), "wall_seconds": round(time.time() - start, 1), "history": history}
     return model, editor, summary

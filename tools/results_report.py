@@ -1,0 +1,138 @@
+"""Write docs/RESULTS.md (+ plots) from a paper_pipeline work folder: every number read from a run's JSON.
+
+    python tools/results_report.py runs/gpu_results --doc docs/RESULTS.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+EDITORS = ("gd", "momentum", "rmsprop", "adam")
+
+
+def load(work: Path, name: str) -> dict | None:
+    path = work / "evals" / f"{name}.json"
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    return data or None
+
+
+def card(work: Path, name: str) -> dict | None:
+    path = work / "ckpt" / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def command_of(status: dict, name: str) -> str:
+    """The run's command as a user would type it: shipped paths for the checkpoints, no interpreter path."""
+    cmd = (status["jobs"].get(name) or {}).get("command") or []
+    words = ["python"] + cmd[1:] if cmd else []
+    text = " ".join(words)
+    for prefix in ("/tmp/work/ckpt/", "/tmp/work/nae/"):
+        text = text.replace(prefix, "assets/")
+    return f"`{text}`" if text else "(not run)"
+
+
+def pct(x: float | None, digits: int = 2) -> str:
+    return "—" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def num(x, fmt="{:.2f}") -> str:
+    return "—" if x is None else fmt.format(x)
+
+
+def eval_row(label: str, run: dict | None, status: dict, name: str, extra_cols=()) -> str:
+    if run is None:
+        return f"| {label} | " + " | ".join(["not run"] * (6 + len(extra_cols))) + f" | {command_of(status, name)} |"
+    lr = run.get("editor_hparams", {}).get("lr")
+    lr_text = (f"{lr:.2g}" + (" (learned)" if run.get("editor_learned") else "")) if lr is not None else "—"
+    cols = [pct(run["test_error"]), pct(run["drawdown"]), pct(run["success_rate"], 1), num(run["mean_steps"]),
+            num(1000 * run["mean_edit_seconds"], "{:.1f} ms"), lr_text]
+    cols += [str(run.get(k, "—")) for k in extra_cols]
+    return f"| {label} | " + " | ".join(cols) + f" | N={run['n_edits']}, M={run['n_heldout']} | {command_of(status, name)} |"
+
+
+def drawdown_plot(work: Path, path: Path) -> None:
+    base = [load(work, f"eval-baseline-{e}") for e in EDITORS]
+    editable = [load(work, f"eval-editable-{e}-tuned-lr") for e in EDITORS]
+    learned = load(work, "eval-editable-rmsprop-learned")
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=120)
+    xs = range(len(EDITORS))
+    ax.bar([x - 0.2 for x in xs], [100 * (r["drawdown"] if r else 0) for r in base], 0.4, label="baseline-trained")
+    ax.bar([x + 0.2 for x in xs], [100 * (r["drawdown"] if r else 0) for r in editable], 0.4,
+           label="editable-trained (same lr)")
+    if learned:
+        ax.scatter([2 + 0.2], [100 * learned["drawdown"]], color="black", marker="*", s=90, zorder=3,
+                   label="editable-trained, learned RMSProp lr")
+    ax.set_xticks(list(xs), [e.upper() if e != "momentum" else "Momentum" for e in EDITORS])
+    ax.set_ylabel("drawdown (test error points)")
+    ax.set_title("ResNet-20 on CIFAR-10: accuracy lost per edit (lower is better)")
+    ax.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("work")
+    ap.add_argument("--doc", default="docs/RESULTS.md")
+    args = ap.parse_args()
+    work, doc = Path(args.work), Path(args.doc)
+    status = json.loads((work / "pipeline_status.json").read_text())
+    lines = ["# Results", "",
+             "Every number below was read from the JSON a run printed; `tools/results_report.py` wrote this page from",
+             "the run folder of `tools/paper_pipeline.py --scale full` (see the end of the page for how it ran).",
+             "N = number of seeded edits, M = number of held-out images each edit was scored on.", ""]
+    lines += ["## Models", "", "| checkpoint | arch | objective | epochs | test acc (10k) | acc, exact test 0-999 | train time | device |",
+              "|---|---|---|---|---|---|---|---|"]
+    for path in sorted((work / "ckpt").glob("*.json")):
+        c = json.loads(path.read_text())
+        lines.append(f"| {path.stem} | {c['arch']} | {c['objective']} | {c['epochs']} | {pct(c['test_accuracy'])} | "
+                     f"{pct(c.get('test_accuracy_exact_0_999'))} | {c['wall_seconds']:.0f} s | {c['device']} |")
+    lines += ["", "Training commands (exact, from the model cards):", ""]
+    for path in sorted((work / "ckpt").glob("*.json")):
+        lines.append(f"- {path.stem}: `{json.loads(path.read_text())['command']}`")
+    header = ["", "| training × editor | test error | drawdown | success | mean steps | mean edit time | editor lr | N, M | command |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "## ResNet-20: baseline vs editable training (random-target protocol)", "", "Edits: images drawn from the",
+              "test set with a seeded uniform random target (it may equal the true label, as in the paper's code);",
+              "each edit starts from the unedited model; drawdown is measured on the full 10,000-image test set."]
+    lines += header
+    for editor in EDITORS:
+        lines.append(eval_row(f"baseline × {editor}", load(work, f"eval-baseline-{editor}"), status, f"eval-baseline-{editor}"))
+    for editor in EDITORS:
+        name = f"eval-editable-{editor}-tuned-lr"
+        lines.append(eval_row(f"editable × {editor} (baseline's lr)", load(work, name), status, name))
+    lines.append(eval_row("editable × rmsprop (learned lr)", load(work, "eval-editable-rmsprop-learned"), status,
+                          "eval-editable-rmsprop-learned"))
+    lines += ["", "![drawdown by editor](drawdown_by_editor.png)", ""]
+    lines += ["### Editor learning rates", "", "Each editor's lr is the smallest value on its grid reaching >= 99% success",
+              "on 100 tuning edits of another seed (1000) on the baseline-trained model; the same lr is used for both models.", "",
+              "| editor | lr | success | drawdown | mean steps |", "|---|---|---|---|---|"]
+    for editor in EDITORS:
+        for path in sorted((work / "evals").glob(f"tune-{editor}-*.json"), key=lambda p: float(p.stem.split("-")[-1])):
+            r = json.loads(path.read_text())
+            if r:
+                mark = " ←" if status["chosen_lr"].get(editor) == r["editor_hparams"]["lr"] or \
+                    abs(status["chosen_lr"].get(editor, -1) - r["editor_hparams"]["lr"]) < 1e-12 else ""
+                lines.append(f"| {editor} | {r['editor_hparams']['lr']:.0e}{mark} | {pct(r['success_rate'], 1)} | "
+                             f"{pct(r['drawdown'])} | {num(r['mean_steps'])} |")
+    lines += ["", "### Editable-training variants (what else we tried)"] + header
+    for variant in ("resnet20_editable", "resnet20_editable_c0.1", "resnet20_editable_first_order", "resnet20_matchranks"):
+        name = "eval-editable-rmsprop-learned" if variant == "resnet20_editable" else f"eval-{variant}-rmsprop-learned"
+        lines.append(eval_row(variant, load(work, name), status, name))
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    drawdown_plot(work, doc.parent / "drawdown_by_editor.png")
+    doc.write_text("\n".join(lines) + "\n")
+    print(f"wrote {doc}")
+
+
+if __name__ == "__main__":
+    main()
