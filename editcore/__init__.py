@@ -3,7 +3,10 @@ from .checkpoint import Checkpoint, load_checkpoint, read_card, save_checkpoint
 from .data import CLASSES, DataError, ImageSet, augment, load_cifar10, load_sample, normalize, resolve_data_root
 from .device import pick_device
 from .edit import EditableModel, EditResult, edit, edit_loss, eval_mode
+from .augment_views import augmented_views, generalization, view_families, view_specs
 from .editors import EDITORS, Editor, create_editor
+from .fixers import (FIXERS, EditorFixer, FinetuneFixer, Fixer, LookupFixer, LookupTable, PatchResult, finetune,
+                     full_logits, penultimate_features)
 from .metrics import EditRecord, HeldOutEvaluator, draw_edits, evaluate_edits, summarize
 from .models import DEFAULT_ARCH, MODELS, create_model, default_editable_prefix, editable_names
 from .training import TrainConfig, accuracy, train

@@ -16,6 +16,7 @@ from .checkpoint import git_commit, load_checkpoint, read_card, save_checkpoint
 from .device import pick_device
 from .edit import EditableModel
 from .editors import EDITORS, create_editor
+from .fixers import FINETUNE_DEFAULT_LR, FIXERS, LOOKUP_DEFAULT_THRESHOLD, EditorFixer, FinetuneFixer, Fixer, LookupFixer
 from .metrics import HeldOutEvaluator, evaluate_edits
 from .models import MODELS
 from .training import TrainConfig, accuracy, train
@@ -90,6 +91,21 @@ def cmd_train(args) -> int:
     return 0
 
 
+def build_fixer(args, editable: EditableModel, editor, device) -> Fixer:
+    """The fix evaluate-edits measures: the editor, fine-tuning with replay, or a lookup table."""
+    if args.fixer == "editor":
+        return EditorFixer(editable, editor, args.max_steps)
+    if args.fixer == "finetune":
+        if data_mod.resolve_data_root(args.data_root) is None:
+            say("fine-tuning replays training images, but with no data root the replay images are the embedded test "
+                "sample, the same images it is scored on: fine for a smoke test, not for a measurement")
+        replay = load_split("train", args.data_root).to(device)
+        return FinetuneFixer(editable.model, replay, args.replay_ratio, args.finetune_optimizer, args.finetune_lr,
+                             args.finetune_steps, seed=args.seed)
+    mode = "exact" if args.fixer == "lookup-exact" else "nearest"
+    return LookupFixer(editable.model, mode, args.lookup_space, args.lookup_threshold)
+
+
 def cmd_evaluate_edits(args) -> int:
     device = pick_device(args.device)
     ckpt = load_checkpoint(args.checkpoint, device)
@@ -100,12 +116,14 @@ def cmd_evaluate_edits(args) -> int:
     test_set = load_split("test", args.data_root)
     heldout_set = test_set if not args.heldout_size else test_set.subset(torch.arange(min(args.heldout_size, len(test_set))))
     evaluator = HeldOutEvaluator(editable, heldout_set.images.to(device), heldout_set.labels.to(device))
-    say(f"{args.n_edits} edits with {editor.name} {editor.hyperparameters()} ({'learned' if learned else 'given'}), "
-        f"held-out {len(heldout_set)} images, base error {evaluator.base_error:.4f}")
+    fixer = build_fixer(args, editable, editor, device)
+    using = (f"{editor.name} {editor.hyperparameters()} ({'learned' if learned else 'given'})" if args.fixer == "editor"
+             else f"{fixer.name} {fixer.hyperparameters()}")
+    say(f"{args.n_edits} edits with {using}, held-out {len(heldout_set)} images, base error {evaluator.base_error:.4f}")
     step = max(1, args.n_edits // 10)
     summary, records = evaluate_edits(
         editable, editor, evaluator, test_set, n_edits=args.n_edits, seed=args.seed, max_steps=args.max_steps,
-        progress=lambda i, n: say(f"  {i}/{n} edits") if i % step == 0 else None,
+        progress=lambda i, n: say(f"  {i}/{n} edits") if i % step == 0 else None, fixer=fixer, verbose=args.verbose,
     )
     summary.update(checkpoint=str(args.checkpoint), editor=editor.name, editor_hparams=editor.hyperparameters(),
                    editor_learned=learned, protocol="random", device=str(device), data=test_set.source)
@@ -114,8 +132,11 @@ def cmd_evaluate_edits(args) -> int:
     if args.json:
         print(json.dumps(summary))
     else:
-        for key in ("test_error", "drawdown", "success_rate", "mean_steps", "mean_edit_seconds", "n_edits", "n_heldout", "seconds"):
+        for key in ("fixer", "test_error", "drawdown", "success_rate", "mean_steps", "mean_edit_seconds", "generalization",
+                    "n_edits", "n_heldout", "seconds"):
             print(f"{key:>18}: {summary[key]}")
+        for family, value in summary.get("generalization_by_family", {}).items():
+            print(f"{'gen. ' + family:>18}: {value}")
     return 0
 
 
@@ -177,6 +198,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout-size", type=int, default=0, help="score on the first M test images only (0: all)")
     p.add_argument("--records", default=None, help="write per-edit records (JSON) here")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.add_argument("--fixer", default="editor", choices=FIXERS,
+                   help="editor: the gradient editor; finetune: SGD/Adam with replayed training images; "
+                        "lookup-exact / lookup-nn: a patch table that overrides predictions (see docs/FIXERS.md)")
+    p.add_argument("--lookup-space", default="pixel", choices=sorted(LOOKUP_DEFAULT_THRESHOLD),
+                   help="lookup-nn distance: pixel (mean |diff|/255) or feature (cosine, penultimate layer)")
+    p.add_argument("--lookup-threshold", type=float, default=None,
+                   help=f"lookup-nn match threshold (default {LOOKUP_DEFAULT_THRESHOLD})")
+    p.add_argument("--finetune-optimizer", default="sgd", choices=sorted(FINETUNE_DEFAULT_LR))
+    p.add_argument("--finetune-lr", type=float, default=None, help=f"default {FINETUNE_DEFAULT_LR}")
+    p.add_argument("--finetune-steps", type=int, default=100, help="fine-tuning step budget per fix")
+    p.add_argument("--replay-ratio", type=int, default=15, help="replayed training images per corrected sample in each step")
+    p.add_argument("--verbose", action="store_true", help="add per-augmentation-family generalization")
     p.set_defaults(func=cmd_evaluate_edits)
 
     p = sub.add_parser("info", help="print a checkpoint's model card")

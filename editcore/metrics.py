@@ -12,9 +12,11 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .augment_views import DEFAULT_VIEWS_SEED, augmented_views, generalization, view_families
 from .data import ImageSet, normalize
-from .edit import EditableModel, EditResult, edit, eval_mode
+from .edit import EditableModel, eval_mode
 from .editors import Editor, Params
+from .fixers import EditorFixer, Fixer, full_logits
 
 
 class HeldOutEvaluator:
@@ -32,7 +34,10 @@ class HeldOutEvaluator:
 
     @torch.no_grad()
     def predict(self, params: Params | None = None) -> torch.Tensor:
-        """Predicted classes from the cached features (re-runs only the stages after the split)."""
+        """Predicted classes from the cached features (re-runs only the stages after the split);
+        through the whole model when `params` change a stage before the split (e.g. fine-tuning)."""
+        if params and self.editable.model.first_stage_of(list(params)) < self.editable.split:
+            return self.predict_full(params)
         with eval_mode(self.editable.model):
             return torch.cat([self.editable.logits_from_features(self.features[i : i + self.batch_size], params).argmax(1)
                               for i in range(0, len(self.labels), self.batch_size)])
@@ -40,9 +45,7 @@ class HeldOutEvaluator:
     @torch.no_grad()
     def predict_full(self, params: Params | None = None) -> torch.Tensor:
         """The same predictions through the whole model (reference for the cache; slower)."""
-        with eval_mode(self.editable.model):
-            return torch.cat([self.editable.logits(normalize(self.images[i : i + self.batch_size]), params).argmax(1)
-                              for i in range(0, len(self.labels), self.batch_size)])
+        return full_logits(self.editable.model, self.images, params, self.batch_size).argmax(1)
 
     def error(self, predictions: torch.Tensor) -> float:
         return float((predictions != self.labels).float().mean())
@@ -60,6 +63,8 @@ class EditRecord:
     steps: int
     seconds: float
     error_after: float
+    generalization: float | None = None  # frac of augmented views at the target, after - before
+    generalization_by_family: dict[str, float] | None = None
 
 
 def summarize(records: list[EditRecord], base_error: float) -> dict:
@@ -67,7 +72,7 @@ def summarize(records: list[EditRecord], base_error: float) -> dict:
     if not records:
         raise ValueError("no edits to summarise")
     errors = np.array([r.error_after for r in records])
-    return {
+    summary = {
         "test_error": base_error,
         "drawdown": float(errors.mean() - base_error),
         "success_rate": float(np.mean([r.success for r in records])),
@@ -75,6 +80,13 @@ def summarize(records: list[EditRecord], base_error: float) -> dict:
         "mean_edit_seconds": float(np.mean([r.seconds for r in records])),
         "n_edits": len(records),
     }
+    scored = [r for r in records if r.generalization is not None]
+    if scored:
+        summary["generalization"] = float(np.mean([r.generalization for r in scored]))
+    by_family = [r.generalization_by_family for r in scored if r.generalization_by_family]
+    if by_family:
+        summary["generalization_by_family"] = {f: float(np.mean([b[f] for b in by_family])) for f in by_family[0]}
+    return summary
 
 
 def draw_edits(edit_set: ImageSet, n_edits: int, seed: int, targets: str = "random", classes: int = 10):
@@ -102,22 +114,30 @@ def evaluate_edits(
     seed: int = 0,
     max_steps: int = 10,
     targets: str = "random",
-    fix: Callable[[torch.Tensor, torch.Tensor], EditResult] | None = None,
+    fixer: Fixer | None = None,
     progress: Callable[[int, int], None] | None = None,
+    views_seed: int = DEFAULT_VIEWS_SEED,
+    verbose: bool = False,
 ) -> tuple[dict, list[EditRecord]]:
-    """Run the protocol; `fix` replaces the default editor call (same inputs, an EditResult)."""
+    """Run the protocol with `fixer` (default: the editor, `max_steps` steps). Each edit is also
+    scored for generalisation on `augmented_views` of the edited image (per family if `verbose`)."""
     device = heldout.features.device
-    fix = fix or (lambda x, y: edit(editable, x, y, editor, max_steps))
+    fixer = fixer or EditorFixer(editable, editor, max_steps)
+    families = view_families(views_seed)
     rows, chosen = draw_edits(edit_set, n_edits, seed, targets)
     records, start = [], time.perf_counter()
     for i, (row, target) in enumerate(zip(rows, chosen)):
-        x = normalize(edit_set.images[row : row + 1].to(device))
-        result = fix(x, torch.tensor([target], device=device))
+        image = edit_set.images[row : row + 1].to(device)
+        result = fixer.fix(image, torch.tensor([target], device=device))
+        views = augmented_views(image, views_seed)
+        gain, by_family = generalization(fixer.predict(None, views), fixer.predict(result, views), target,
+                                         families if verbose else None)
         records.append(EditRecord(int(edit_set.indices[row]), target, result.success, result.steps, result.seconds,
-                                  heldout.error(heldout.predict(result.params))))
+                                  heldout.error(fixer.predict_heldout(result, heldout)), gain, by_family or None))
         if progress:
             progress(i + 1, len(rows))
     summary = summarize(records, heldout.base_error)
     summary.update(n_heldout=len(heldout.labels), seconds=round(time.perf_counter() - start, 2), seed=seed,
-                   max_steps=max_steps, targets=targets)
+                   max_steps=max_steps, targets=targets, fixer=fixer.name, fixer_hparams=fixer.hyperparameters(),
+                   views_seed=views_seed)
     return summary, records
