@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny smooth StagedNet for unit tests, a briefly trained ResNet-20 on the sample."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from editcore import EditableModel, TrainConfig, load_sample, train
+from editcore.models import StagedNet
+
+N_CLASSES = 10
+
+
+class TinyNet(StagedNet):
+    """stem -> body -> head on 3x8x8 inputs. tanh instead of ReLU keeps it smooth, so finite
+    differences have no kinks to trip over; batch norm is there because edits must run it in eval mode."""
+
+    stage_names = ("stem", "body", "head")
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Tanh())
+        self.body = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6), nn.Tanh())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(24, N_CLASSES))
+
+
+def make_tiny(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyNet:
+    torch.manual_seed(seed)
+    model = TinyNet()
+    # Non-trivial running statistics, so eval-mode batch norm differs from train mode.
+    model.body[1].running_mean.uniform_(-0.2, 0.2)
+    model.body[1].running_var.uniform_(0.5, 1.5)
+    return model.to(dtype).eval()
+
+
+@pytest.fixture
+def tiny():
+    """A fresh TinyNet wrapped as editable at its 'body' stage, and a batch of 8 inputs."""
+    model = make_tiny()
+    inputs = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    return EditableModel(model, "body"), inputs
+
+
+@pytest.fixture(scope="session")
+def sample():
+    return load_sample()
+
+
+@pytest.fixture(scope="session")
+def resnet20(sample):
+    """ResNet-20 after one short epoch on the embedded sample: real weights and batch-norm statistics."""
+    config = TrainConfig(arch="resnet20", epochs=1, batch_size=100, seed=0)
+    model, _, _ = train(config, sample, None, "cpu", log=lambda *_: None)
+    return model.eval()

@@ -1,0 +1,81 @@
+"""Edit metrics: the cached-prefix evaluator agrees with the full model; the protocol's numbers add up."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from editcore import (EditableModel, EditRecord, HeldOutEvaluator, create_editor, draw_edits, edit, evaluate_edits,
+                      normalize, summarize)
+
+
+@pytest.fixture(scope="module")
+def evaluator(resnet20, sample):
+    editable = EditableModel(resnet20, "layer3")
+    # A batch size that does not divide 1000, so the last, shorter batch is exercised too.
+    return HeldOutEvaluator(editable, sample.images, sample.labels, batch_size=300)
+
+
+def test_cached_prefix_predictions_equal_full_model(evaluator, sample):
+    assert evaluator.editable.split == evaluator.editable.model.stage_names.index("layer3")
+    assert torch.equal(evaluator.base_predictions, evaluator.predict_full())
+    assert len(evaluator.base_predictions) == len(sample) == 1000
+    # The briefly trained model is better than chance, so these predictions carry signal.
+    assert evaluator.base_error < 0.85
+
+
+def test_cached_prefix_predictions_equal_full_model_after_an_edit(evaluator, sample):
+    editable = evaluator.editable
+    x = normalize(sample.images[:1])
+    with torch.no_grad():
+        target = editable.logits(x).argmin(1)
+    result = edit(editable, x, target, create_editor("rmsprop", lr=1e-3), max_steps=20)
+    assert result.success
+    cached, full = evaluator.predict(result.params), evaluator.predict_full(result.params)
+    assert torch.equal(cached, full)
+    assert cached[0] == target  # the edited image is in the held-out set
+    assert not torch.equal(cached, evaluator.base_predictions)
+
+
+def test_summarize_on_a_hand_built_case():
+    records = [
+        EditRecord(index=0, target=3, success=True, steps=2, seconds=0.01, error_after=0.12),
+        EditRecord(index=1, target=5, success=True, steps=0, seconds=0.02, error_after=0.10),
+        EditRecord(index=2, target=1, success=False, steps=10, seconds=0.03, error_after=0.20),
+        EditRecord(index=3, target=7, success=True, steps=4, seconds=0.04, error_after=0.14),
+    ]
+    summary = summarize(records, base_error=0.10)
+    assert summary["test_error"] == 0.10
+    assert summary["drawdown"] == pytest.approx((0.12 + 0.10 + 0.20 + 0.14) / 4 - 0.10)  # 0.04
+    assert summary["success_rate"] == pytest.approx(0.75)
+    assert summary["mean_steps"] == pytest.approx(4.0)
+    assert summary["mean_edit_seconds"] == pytest.approx(0.025)
+    assert summary["n_edits"] == 4
+    with pytest.raises(ValueError):
+        summarize([], 0.1)
+
+
+def test_draw_edits_is_seeded_and_may_target_the_true_label(sample):
+    rows, targets = draw_edits(sample, 200, seed=7)
+    assert (rows, targets) == draw_edits(sample, 200, seed=7)
+    assert (rows, targets) != draw_edits(sample, 200, seed=8)
+    assert len(set(rows)) == 200 and all(0 <= t < 10 for t in targets)
+    # Random targets are uniform over all classes, so some equal the true label (as in the paper's code).
+    assert any(int(sample.labels[r]) == t for r, t in zip(rows, targets))
+    rows, targets = draw_edits(sample, 5, seed=0, targets="true")
+    assert targets == sample.labels[rows].tolist()
+
+
+def test_evaluate_edits_scores_each_edit_from_the_unedited_model(evaluator, sample):
+    editor = create_editor("rmsprop", lr=1e-3)
+    summary, records = evaluate_edits(evaluator.editable, editor, evaluator, sample, n_edits=4, seed=0, max_steps=20)
+    assert summary["n_edits"] == len(records) == 4
+    rows, targets = draw_edits(sample, 4, seed=0)
+    assert [r.index for r in records] == rows and [r.target for r in records] == targets
+    for record in records:
+        # Each edit starts from the base model, so scoring it alone reproduces its recorded error.
+        x = normalize(sample.images[record.index : record.index + 1])
+        result = edit(evaluator.editable, x, torch.tensor([record.target]), editor, max_steps=20)
+        assert record.success == result.success and record.steps == result.steps
+        assert record.error_after == evaluator.error(evaluator.predict(result.params))
+    assert summary["test_error"] == evaluator.base_error
+    assert summary["drawdown"] == pytest.approx(sum(r.error_after for r in records) / 4 - evaluator.base_error)
