@@ -13,7 +13,7 @@ from editcore import (EditableModel, EditorFixer, FinetuneFixer, HeldOutEvaluato
 from editcore.cli import main
 from editcore.models import StagedNet
 
-from .conftest import make_tiny
+from conftest import make_tiny
 
 FAMILIES = {"crop", "flip", "shift", "brightness", "contrast", "jpeg", "noise"}
 SUMMARY_KEYS = {"test_error", "drawdown", "success_rate", "mean_steps", "mean_edit_seconds", "generalization", "n_edits",
@@ -232,7 +232,7 @@ def test_cli_lookup_exact_on_the_sample(sample_checkpoint, capsys, monkeypatch):
 
 @pytest.mark.slow
 def test_cli_finetune_on_the_sample(sample_checkpoint, capsys, monkeypatch):
-    summary, err = run_evaluate(sample_checkpoint, capsys, monkeypatch, "--fixer", "finetune", "--finetune-steps", "20",
+    summary, err = run_evaluate(sample_checkpoint, capsys, monkeypatch, "--fixer", "finetune", "--finetune-steps", "20", "--heldout-size", "300",
                                 "--replay-ratio", "7", "--verbose")
     assert "replay images are the embedded test sample" in err
     assert SUMMARY_KEYS <= set(summary) and summary["fixer"] == "finetune"
