@@ -232,8 +232,8 @@ def test_cli_lookup_exact_on_the_sample(sample_checkpoint, capsys, monkeypatch):
 
 @pytest.mark.slow
 def test_cli_finetune_on_the_sample(sample_checkpoint, capsys, monkeypatch):
-    summary, err = run_evaluate(sample_checkpoint, capsys, monkeypatch, "--fixer", "finetune", "--finetune-steps", "20", "--heldout-size", "300",
-                                "--replay-ratio", "7", "--verbose")
+    summary, err = run_evaluate(sample_checkpoint, capsys, monkeypatch, "--fixer", "finetune", "--finetune-steps", "20",
+                                "--heldout-size", "300", "--replay-ratio", "7", "--verbose")
     assert "replay images are the embedded test sample" in err
     assert SUMMARY_KEYS <= set(summary) and summary["fixer"] == "finetune"
     assert summary["fixer_hparams"]["replay_ratio"] == 7 and summary["fixer_hparams"]["max_steps"] == 20
