@@ -12,13 +12,14 @@ from pathlib import Path
 import torch
 
 from . import data as data_mod
+from . import nae as nae_mod
 from .checkpoint import git_commit, load_checkpoint, read_card, save_checkpoint
 from .device import pick_device
 from .edit import EditableModel
 from .editors import EDITORS, create_editor
 from .fixers import FINETUNE_DEFAULT_LR, FIXERS, LOOKUP_DEFAULT_THRESHOLD, EditorFixer, FinetuneFixer, Fixer, LookupFixer
 from .metrics import HeldOutEvaluator, evaluate_edits
-from .models import MODELS
+from .models import MODELS, create_model
 from .training import TrainConfig, accuracy, train
 
 
@@ -40,6 +41,24 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
 
+def rank_targets_from_nae(args, init_model, device):
+    """Match-ranks: P(rank) from the true labels' ranks on the NAE set under the starting model.
+    Returns that model (created from the seed when there is no --init) and the card entry."""
+    if not args.editable:
+        raise SystemExit("--edit-targets match-ranks applies to editable training: add --editable")
+    nae_set = nae_mod.load_nae(args.nae)
+    if init_model is None:
+        torch.manual_seed(args.seed)  # the same initial weights train() would create from this seed
+        init_model = create_model(args.arch)
+        say("match-ranks without --init: ranks come from an untrained model, so they are close to uniform")
+    ranks = nae_mod.true_label_ranks(init_model.to(device), nae_set.images, nae_set.labels, device)
+    entry = {"nae": str(args.nae), "n_nae": len(nae_set), "rank_model": args.init or f"initial {args.arch}, seed {args.seed}",
+             "rank_histogram": nae_mod.rank_histogram(ranks), "rank_probs": nae_mod.rank_distribution(ranks)}
+    say(f"match-ranks: true-label rank histogram on {len(nae_set)} NAE images {entry['rank_histogram']}, "
+        f"P(rank) {[round(p, 3) for p in entry['rank_probs']]}")
+    return init_model, entry
+
+
 def cmd_train(args) -> int:
     device = pick_device(args.device)
     train_set, test_set = load_split("train", args.data_root), load_split("test", args.data_root)
@@ -58,6 +77,10 @@ def cmd_train(args) -> int:
         if init.card["arch"] != args.arch:
             raise SystemExit(f"--init is a {init.card['arch']} checkpoint but --arch is {args.arch}")
         init_model, init_editor = init.model, (init.editor if init.editor and init.editor.name == args.editor else None)
+    match_ranks = None
+    if args.edit_targets == "match-ranks":
+        init_model, match_ranks = rank_targets_from_nae(args, init_model, device)
+        config.edit_targets, config.rank_probs = "match-ranks", match_ranks["rank_probs"]
     torch.manual_seed(args.seed)
     say(f"training {args.arch} on {len(train_set)} images, device {device}, "
         f"{'editable' if args.editable else 'baseline'} objective")
@@ -83,12 +106,28 @@ def cmd_train(args) -> int:
         "train_config": summary["config"],
         "history": summary["history"],
     }
+    if match_ranks is not None:
+        card["match_ranks"] = match_ranks
     exact = test.indices < 1000
     if test.source == "cifar10-test" and bool(exact.any()):
         card["test_accuracy_exact_0_999"] = accuracy(model, test.images[exact], test.labels[exact])
     path = save_checkpoint(args.out, model.cpu(), card, editor.cpu() if editor is not None else None)
     say(f"saved {path} (test accuracy {card['test_accuracy']:.4f}, {card['wall_seconds']} s)")
     return 0
+
+
+def nae_protocol_sets(args, test_set: data_mod.ImageSet) -> tuple[data_mod.ImageSet, data_mod.ImageSet]:
+    """NAE protocol: (edit set = the NAE images, held-out = test images in nae.HELDOUT, none of them NAE)."""
+    nae_set = nae_mod.load_nae(args.nae)
+    heldout = nae_mod.heldout_part(test_set)
+    if test_set.source != "cifar10-test":
+        say(f"NAE protocol without a data root: drawdown on the embedded sample (test 0-999, {len(heldout)} images), "
+            f"not on the full held-out part (test {nae_mod.HELDOUT[0]}-{nae_mod.HELDOUT[1] - 1})")
+    overlap = torch.isin(heldout.indices, nae_set.indices.to(heldout.indices.device))
+    if bool(overlap.any()):
+        say(f"{int(overlap.sum())} held-out images are also in the NAE set: left out of the held-out part")
+        heldout = heldout.subset(torch.nonzero(~overlap).view(-1))
+    return nae_set, heldout
 
 
 def build_fixer(args, editable: EditableModel, editor, device) -> Fixer:
@@ -114,6 +153,9 @@ def cmd_evaluate_edits(args) -> int:
     learned = ckpt.editor is not None and args.editor in (None, ckpt.editor.name) and args.lr is None
     editor = ckpt.editor if learned else create_editor(args.editor or "rmsprop", lr=args.lr)
     test_set = load_split("test", args.data_root)
+    edit_set, targets = test_set, "random"
+    if args.protocol == "nae":
+        (edit_set, test_set), targets = nae_protocol_sets(args, test_set), "true"
     heldout_set = test_set if not args.heldout_size else test_set.subset(torch.arange(min(args.heldout_size, len(test_set))))
     evaluator = HeldOutEvaluator(editable, heldout_set.images.to(device), heldout_set.labels.to(device))
     fixer = build_fixer(args, editable, editor, device)
@@ -122,11 +164,13 @@ def cmd_evaluate_edits(args) -> int:
     say(f"{args.n_edits} edits with {using}, held-out {len(heldout_set)} images, base error {evaluator.base_error:.4f}")
     step = max(1, args.n_edits // 10)
     summary, records = evaluate_edits(
-        editable, editor, evaluator, test_set, n_edits=args.n_edits, seed=args.seed, max_steps=args.max_steps,
+        editable, editor, evaluator, edit_set, n_edits=args.n_edits, targets=targets, seed=args.seed, max_steps=args.max_steps,
         progress=lambda i, n: say(f"  {i}/{n} edits") if i % step == 0 else None, fixer=fixer, verbose=args.verbose,
     )
     summary.update(checkpoint=str(args.checkpoint), editor=editor.name, editor_hparams=editor.hyperparameters(),
-                   editor_learned=learned, protocol="random", device=str(device), data=test_set.source)
+                   editor_learned=learned, protocol=args.protocol, device=str(device), data=test_set.source)
+    if args.protocol == "nae":
+        summary.update(nae=str(args.nae), n_nae=len(edit_set))
     if args.records:
         Path(args.records).write_text(json.dumps([r.__dict__ for r in records]) + "\n")
     if args.json:
@@ -137,6 +181,59 @@ def cmd_evaluate_edits(args) -> int:
             print(f"{key:>18}: {summary[key]}")
         for family, value in summary.get("generalization_by_family", {}).items():
             print(f"{'gen. ' + family:>18}: {value}")
+    return 0
+
+
+def cmd_build_nae(args) -> int:
+    """Adversarial filtration of the test pool by >= 3 filter models of >= 2 architectures."""
+    cards = [read_card(path) for path in args.filters]
+    archs = sorted({card["arch"] for card in cards})
+    if len(cards) < 3 or len(archs) < 2:
+        raise SystemExit(f"build-nae needs at least 3 filter models of at least 2 architectures (got {len(cards)}: "
+                         f"{', '.join(card['arch'] for card in cards)}); train them with `python -m editcore train --arch ... --seed ...`")
+    reference_cards = [read_card(path) for path in args.reference]  # fail on a bad path before the long part
+    shared = {Path(p).resolve() for p in args.filters} & {Path(p).resolve() for p in args.reference}
+    if shared:
+        raise SystemExit(f"a filter model cannot also be a reference model: {', '.join(map(str, sorted(shared)))}")
+    if data_mod.resolve_data_root(args.data_root) is None:
+        raise SystemExit("build-nae filters the full CIFAR-10 test set: set --data-root or EDITLAB_DATA. "
+                         + data_mod.DOWNLOAD_HINT)
+    device = pick_device(args.device)
+    pool = nae_mod.pool_part(data_mod.load_cifar10("test", args.data_root))
+    start = time.perf_counter()
+    predictions = nae_mod.filter_predictions([load_checkpoint(path, device).model for path in args.filters], pool, device)
+    nae_set = nae_mod.nae_from_predictions(pool, predictions)
+    seconds = round(time.perf_counter() - start, 2)
+    card = {
+        "command": "python -m editcore " + shlex.join(sys.argv[1:]),
+        "split": nae_mod.SPLIT_DEFINITION,
+        "filtration": "pool images that every filter model misclassifies (top-1)",
+        "filter_models": [{"checkpoint": str(path), "arch": card["arch"], "seed": card.get("seed"),
+                           "test_accuracy": card.get("test_accuracy"),
+                           "pool_accuracy": float((row == pool.labels).double().mean())}
+                          for path, card, row in zip(args.filters, cards, predictions)],
+        "n_pool": len(pool),
+        "reference_models": [],
+        "seconds": seconds,
+        "device": str(device),
+        "torch": torch.__version__,
+        "git_commit": git_commit(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    print(f"pool {len(pool)} images (test {nae_mod.NAE_POOL[0]}-{nae_mod.NAE_POOL[1] - 1}); "
+          f"NAE {len(nae_set)} ({len(nae_set) / max(1, len(pool)):.2%}), filtration {seconds} s")
+    for entry in card["filter_models"]:
+        print(f"  filter {entry['arch']} seed {entry['seed']}: pool accuracy {entry['pool_accuracy']:.4f}")
+    for path, ref_card in zip(args.reference, reference_cards):
+        ranks = nae_mod.true_label_ranks(load_checkpoint(path, device).model, nae_set.images, nae_set.labels, device)
+        histogram = nae_mod.rank_histogram(ranks)
+        entry = {"checkpoint": str(path), "arch": ref_card["arch"], "objective": ref_card.get("objective"),
+                 "nae_accuracy": histogram[0] / len(nae_set) if len(nae_set) else None,
+                 "true_label_rank_histogram": histogram}
+        card["reference_models"].append(entry)
+        print(f"  reference {path}: NAE accuracy {entry['nae_accuracy']}, true-label ranks 0..9 {histogram}")
+    path = nae_mod.save_nae(args.out, nae_set, card)
+    print(f"saved {path} and {nae_mod.card_path(path)}; per class {torch.bincount(nae_set.labels, minlength=10).tolist()}")
     return 0
 
 
@@ -183,6 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--first-order", action="store_true", help="do not backpropagate through the editor's gradients")
     p.add_argument("--init", default=None, help="start from this checkpoint (fine-tuning)")
     p.add_argument("--train-subset", type=int, default=0, help="use only the first N training images")
+    p.add_argument("--time-budget-s", type=float, default=0.0, help="cut --epochs early on to fit this many seconds")
+    p.add_argument("--edit-targets", default="random", choices=["random", "match-ranks"],
+                   help="editable training's edit targets: uniform classes, or ranks drawn as on the NAE set (--nae)")
+    p.add_argument("--nae", default=str(nae_mod.DEFAULT_PATH), help="NAE set for --edit-targets match-ranks")
     p.add_argument("--out", required=True, help="output .safetensors path (card also written as .json)")
     p.set_defaults(func=cmd_train)
 
@@ -198,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout-size", type=int, default=0, help="score on the first M test images only (0: all)")
     p.add_argument("--records", default=None, help="write per-edit records (JSON) here")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.add_argument("--protocol", default="random", choices=["random", "nae"],
+                   help="random: random targets on test images; nae: true labels of the NAE set (--nae), "
+                        "drawdown on the held-out part")
+    p.add_argument("--nae", default=str(nae_mod.DEFAULT_PATH), help="NAE set for --protocol nae")
     p.add_argument("--fixer", default="editor", choices=FIXERS,
                    help="editor: the gradient editor; finetune: SGD/Adam with replayed training images; "
                         "lookup-exact / lookup-nn: a patch table that overrides predictions (see docs/FIXERS.md)")
@@ -211,6 +316,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replay-ratio", type=int, default=15, help="replayed training images per corrected sample in each step")
     p.add_argument("--verbose", action="store_true", help="add per-augmentation-family generalization")
     p.set_defaults(func=cmd_evaluate_edits)
+
+    p = sub.add_parser("build-nae", help="build CIFAR-10-NAE by adversarial filtration (docs/NAE.md)")
+    add_common(p)
+    p.add_argument("--filters", nargs="+", required=True, help=">= 3 filter checkpoints of >= 2 architectures")
+    p.add_argument("--reference", nargs="*", default=[], help="checkpoints to report NAE accuracy and true-label ranks for")
+    p.add_argument("--out", default=str(nae_mod.DEFAULT_PATH), help="output .npz (card written beside it as .json)")
+    p.set_defaults(func=cmd_build_nae)
 
     p = sub.add_parser("info", help="print a checkpoint's model card")
     p.add_argument("path")
