@@ -38,13 +38,19 @@ FINETUNE_DEFAULT_LR = {"sgd": 0.01, "adam": 1e-4}
 LOOKUP_DEFAULT_THRESHOLD = {"pixel": 0.03, "feature": 0.02}
 
 
+def inference_input(images: torch.Tensor) -> torch.Tensor:
+    """Normalised uint8 images in channels_last: convolutions run ~25% faster on CPU. HeldOutEvaluator
+    builds its cache from the same layout, so cached and full predictions stay identical bit for bit."""
+    return normalize(images).contiguous(memory_format=torch.channels_last)
+
+
 @torch.no_grad()
 def full_logits(model: nn.Module, images: torch.Tensor, params: Params | None = None, batch_size: int = 1000) -> torch.Tensor:
     """Logits of the whole model (base + replacement `params`) on uint8 images, batch norm in eval mode."""
     with eval_mode(model):
         return torch.cat([
-            functional_call(model, params, (normalize(images[i : i + batch_size]),)) if params
-            else model(normalize(images[i : i + batch_size]))
+            functional_call(model, params, (inference_input(images[i : i + batch_size]),)) if params
+            else model(inference_input(images[i : i + batch_size]))
             for i in range(0, len(images), batch_size)])
 
 

@@ -13,10 +13,10 @@ import numpy as np
 import torch
 
 from .augment_views import DEFAULT_VIEWS_SEED, augmented_views, generalization, view_families
-from .data import ImageSet, normalize
+from .data import ImageSet
 from .edit import EditableModel, eval_mode
 from .editors import Editor, Params
-from .fixers import EditorFixer, Fixer, full_logits
+from .fixers import EditorFixer, Fixer, full_logits, inference_input
 
 
 class HeldOutEvaluator:
@@ -28,7 +28,7 @@ class HeldOutEvaluator:
         self.batch_size = batch_size
         self.images = images
         with torch.no_grad(), eval_mode(editable.model):
-            self.features = torch.cat([editable.features(normalize(images[i : i + batch_size]))
+            self.features = torch.cat([editable.features(inference_input(images[i : i + batch_size]))
                                        for i in range(0, len(labels), batch_size)])
         self.base_predictions = self.predict()
 

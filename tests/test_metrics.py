@@ -23,6 +23,15 @@ def test_cached_prefix_predictions_equal_full_model(evaluator, sample):
     assert evaluator.base_error < 0.85
 
 
+def test_cached_features_match_a_plain_forward_pass(evaluator, sample):
+    # The cache may use a faster memory layout; the numbers must still be the model's own.
+    editable = evaluator.editable
+    with torch.no_grad():
+        plain = editable.model(normalize(sample.images[:300]))
+        cached = editable.logits_from_features(evaluator.features[:300])
+    assert torch.allclose(cached, plain, atol=1e-4, rtol=1e-4)
+
+
 def test_cached_prefix_predictions_equal_full_model_after_an_edit(evaluator, sample):
     editable = evaluator.editable
     x = normalize(sample.images[:1])
