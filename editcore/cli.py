@@ -237,6 +237,23 @@ def cmd_build_nae(args) -> int:
     return 0
 
 
+def cmd_imagenet_a_edits(args) -> int:
+    """The NAE protocol on ImageNet-A with a torchvision ResNet (weights from torch's cache)."""
+    from . import imagenet_a
+
+    device = pick_device(args.device)
+    model = imagenet_a.StagedTorchvisionResNet(imagenet_a.torchvision_resnet(args.torchvision_model))
+    editor = create_editor(args.editor, lr=args.lr)
+    summary, records = imagenet_a.run_nae_edits(
+        model, args.imagenet_a, args.heldout, editor, args.editable_prefix, args.n_edits, args.seed, args.max_steps,
+        args.heldout_size, device, progress=lambda i, n: say(f"  {i}/{n} edits") if i % max(1, n // 10) == 0 else None)
+    summary.update(model=args.torchvision_model, device=str(device))
+    if args.records:
+        Path(args.records).write_text(json.dumps([r.__dict__ for r in records]) + "\n")
+    print(json.dumps(summary))
+    return 0
+
+
 def cmd_info(args) -> int:
     try:
         card = read_card(args.path)
@@ -323,6 +340,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", nargs="*", default=[], help="checkpoints to report NAE accuracy and true-label ranks for")
     p.add_argument("--out", default=str(nae_mod.DEFAULT_PATH), help="output .npz (card written beside it as .json)")
     p.set_defaults(func=cmd_build_nae)
+
+    p = sub.add_parser("imagenet-a-edits", help="NAE edits on ImageNet-A with a torchvision ResNet (docs/NAE.md)")
+    p.add_argument("--imagenet-a", required=True, help="ImageNet-A folder: <wnid>/*.jpg")
+    p.add_argument("--heldout", required=True, help="held-out images, same layout (e.g. ImageNet val); 200-way error")
+    p.add_argument("--torchvision-model", default="resnet50", help="a torchvision ResNet; weights must be in torch's cache")
+    p.add_argument("--editable-prefix", default="layer4")
+    p.add_argument("--editor", default="rmsprop", choices=sorted(EDITORS))
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--max-steps", type=int, default=10)
+    p.add_argument("--n-edits", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--heldout-size", type=int, default=0, help="score on a seeded subset of M held-out images (0: all)")
+    p.add_argument("--records", default=None, help="write per-edit records (JSON) here")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_imagenet_a_edits)
 
     p = sub.add_parser("info", help="print a checkpoint's model card")
     p.add_argument("path")

@@ -165,3 +165,105 @@ def test_match_ranks_training_records_the_rank_distribution(sample_nae, tmp_path
     with pytest.raises(SystemExit, match="--editable"):
         main(["train", "--epochs", "1", "--edit-targets", "match-ranks", "--nae", str(nae_path),
               "--device", "cpu", "--out", str(tmp_path / "x.safetensors")])
+
+
+# --- ImageNet-A loader and edit hook, on a synthetic folder (no real ImageNet data here) ---
+
+def write_jpegs(root, wnids, per_class=2):
+    from PIL import Image
+
+    gen = np.random.default_rng(0)
+    for wnid in wnids:
+        (root / wnid).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = gen.integers(0, 256, (30 + 10 * i, 50, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / wnid / f"{wnid}_{i}.jpg")
+    return root
+
+
+@pytest.fixture
+def imagenet_a_folder(tmp_path):
+    from editcore.imagenet_a import WNIDS
+
+    root = write_jpegs(tmp_path / "imagenet-a", [WNIDS[0], WNIDS[38], WNIDS[199]])
+    (root / "n00000000").mkdir()  # not an ImageNet-A class: skipped
+    (root / WNIDS[0] / "README.txt").write_text("not an image")
+    return root
+
+
+def test_imagenet_a_mapping_is_the_official_200_classes():
+    from editcore.imagenet_a import INDICES_IN_1K, WNIDS, labels_to_200, logits_to_200
+
+    assert len(WNIDS) == len(set(WNIDS)) == 200 and len(INDICES_IN_1K) == 200
+    mapping = dict(zip(WNIDS, INDICES_IN_1K))  # spot checks against ImageNet-1k's class order
+    assert mapping["n01498041"] == 6 and mapping["n02099601"] == 207 and mapping["n12267677"] == 988
+    assert logits_to_200(torch.arange(1000.0).view(1, -1)).view(-1).tolist() == list(INDICES_IN_1K)
+    assert labels_to_200(torch.tensor([6, 207, 988])).tolist() == [0, 38, 199]
+    with pytest.raises(ValueError):
+        labels_to_200(torch.tensor([0]))
+
+
+def test_imagenet_a_loader_reads_resizes_and_labels_a_synthetic_folder(imagenet_a_folder):
+    from editcore.imagenet_a import class_folders, imagenet_normalize, load_imagenet_a, read_folder
+
+    known, other = class_folders(imagenet_a_folder)
+    assert len(known) == 3 and other == ["n00000000"]
+    images = read_folder(imagenet_a_folder)
+    assert images.images.shape == (6, 3, 224, 224) and images.images.dtype == torch.uint8
+    assert images.labels.tolist() == [6, 6, 207, 207, 988, 988]
+    normalized, labels = load_imagenet_a(imagenet_a_folder)
+    assert torch.allclose(normalized, imagenet_normalize(images.images)) and torch.equal(labels, images.labels)
+
+
+def test_imagenet_a_loader_centre_crops(tmp_path):
+    from PIL import Image
+
+    from editcore.imagenet_a import WNIDS, read_folder
+
+    (tmp_path / WNIDS[0]).mkdir()
+    stripes = np.zeros((200, 300, 3), dtype=np.uint8)
+    stripes[:, :100, 0], stripes[:, 100:200, 1], stripes[:, 200:, 2] = 255, 255, 255  # red | green | blue
+    Image.fromarray(stripes).save(tmp_path / WNIDS[0] / "stripes.png")
+    image = read_folder(tmp_path).images[0].float()
+    # resized to 384x256, the centre 224 columns are 80-303: mostly the green stripe (128-255)
+    assert image[1].mean() > 0.5 * 255 and image[1].mean() > 2 * max(image[0].mean(), image[2].mean())
+
+
+def tiny_torchvision_resnet():
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    torch.manual_seed(0)
+    return ResNet(BasicBlock, [1, 1, 1, 1]).eval()  # random weights: no download, nothing cached
+
+
+def test_staged_torchvision_resnet_matches_the_original_on_the_200_classes():
+    from editcore.data import normalize
+    from editcore.imagenet_a import StagedTorchvisionResNet, imagenet_normalize, logits_to_200
+
+    resnet = tiny_torchvision_resnet()
+    staged = StagedTorchvisionResNet(resnet).eval()
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        expected = logits_to_200(resnet(imagenet_normalize(images)))
+        assert torch.allclose(staged(normalize(images)), expected, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_imagenet_a_nae_edits_end_to_end_on_a_synthetic_folder(imagenet_a_folder, tmp_path):
+    from editcore import create_editor
+    from editcore.imagenet_a import WNIDS, StagedTorchvisionResNet, run_nae_edits
+
+    heldout = write_jpegs(tmp_path / "heldout", [WNIDS[38], WNIDS[100]], per_class=2)
+    summary, records = run_nae_edits(StagedTorchvisionResNet(tiny_torchvision_resnet()), imagenet_a_folder, heldout,
+                                     create_editor("rmsprop"), n_edits=3, max_steps=2)
+    assert summary["protocol"] == "nae" and summary["targets"] == "true" and summary["n_nae"] == 6
+    assert summary["n_edits"] == 3 and summary["n_heldout"] == 4
+    true_200 = {0: 0, 1: 0, 2: 38, 3: 38, 4: 199, 5: 199}  # row index -> ImageNet-A class
+    assert all(r.target == true_200[r.index] for r in records)
+
+
+def test_imagenet_a_edits_cli_never_downloads_weights(tmp_path, monkeypatch, capsys, imagenet_a_folder):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    code = main(["imagenet-a-edits", "--imagenet-a", str(imagenet_a_folder), "--heldout", str(imagenet_a_folder),
+                 "--torchvision-model", "resnet18", "--device", "cpu"])
+    assert code == 2 and "not in torch's cache" in capsys.readouterr().err
