@@ -1,0 +1,79 @@
+"""EditLab app: `python app.py` then open http://127.0.0.1:7860 (see docs/APP.md)."""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no outside connection
+
+import torch  # noqa: E402
+
+from editcore import DataError, Lab, read_card  # noqa: E402
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+DEFAULT_CHECKPOINTS = [ASSETS / "resnet20_baseline.safetensors", ASSETS / "resnet20_editable.safetensors"]
+
+
+def checkpoint_names(values: list[str] | None) -> list[tuple[str, Path]]:
+    """--checkpoint values (repeated or comma-separated, each PATH or NAME=PATH) as (name, path).
+    Without a name, the card's objective names it: 'baseline' or 'editable'."""
+    explicit = values is not None
+    items = [item.strip() for value in (values or [str(p) for p in DEFAULT_CHECKPOINTS]) for item in value.split(",")
+             if item.strip()]
+    named = []
+    for item in items:
+        name, _, path = item.rpartition("=") if "=" in item else ("", "", item)
+        path = Path(path).expanduser()
+        if not name:
+            if path.is_file():
+                try:
+                    name = read_card(path).get("objective", "")
+                except ValueError as exc:
+                    raise SystemExit(f"error: {exc}") from None
+            name = name or path.stem
+        if name in dict(named):
+            name = f"{name}-{path.stem}"
+        if explicit and not path.is_file():
+            raise SystemExit(f"error: checkpoint {path} does not exist")
+        named.append((name, path))
+    return named
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="EditLab: browse, edit and inspect an editable image classifier.")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--data-root", default=None,
+                        help="folder with cifar-10-batches-py: browse and score on all 10,000 test images "
+                             "(default: $EDITLAB_DATA, else the embedded 1,000-image sample)")
+    parser.add_argument("--checkpoint", action="append", default=None, metavar="[NAME=]PATH",
+                        help="a model to edit; repeat or comma-separate for several (default: "
+                             "assets/resnet20_baseline.safetensors and assets/resnet20_editable.safetensors)")
+    parser.add_argument("--nae", default=str(ASSETS / "cifar10_nae.npz"),
+                        help="natural adversarial examples to browse, when the file exists")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    checkpoints = checkpoint_names(args.checkpoint)
+    say = lambda *parts: print(*parts, file=sys.stderr, flush=True)  # noqa: E731
+    try:
+        lab = Lab.load(checkpoints, data_root=args.data_root, device=args.device, nae_path=args.nae, log=say)
+    except (FileNotFoundError, DataError, ValueError) as exc:
+        say(f"error: {exc}")
+        return 2
+    for note in lab.notes:
+        say(f"warning: {note}")
+    from app import launch  # gradio is imported only once the lab is ready
+
+    launch(lab, args.host, args.port)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,472 @@
+"""The EditLab page: layout and event wiring over editcore's Lab / Workspace / EditSession.
+
+Every handler finds the caller's workspace by the Gradio session hash, so each browser tab (and each
+gradio_client) has its own edits; the models and held-out caches inside `Lab` are shared.
+"""
+import functools
+import json
+import os
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import gradio as gr
+
+from editcore import (CLASSES, EDITORS, SOURCE_TEST, SOURCE_UPLOADS, BrowseQuery, EditSettings, ImageError, ImageRef,
+                      Lab, SettingsError, compare_fixes, read_log, view_names)
+
+from . import render
+
+EDITOR_LABELS = {"rmsprop": "RMSProp", "gd": "Gradient descent", "momentum": "Momentum", "adam": "Adam"}
+SORT_LABELS = {"index": "image index", "confidence-asc": "confidence, lowest first",
+               "confidence-desc": "confidence, highest first", "loss-desc": "loss, highest first"}
+ALL_CLASSES = "all"
+PAGE_SIZE = 24
+MAX_LOG_UPLOAD_BYTES = 20_000_000
+INTRO = (
+    "**Find a wrong prediction, fix it, and see what the fix costs.** An *editable* network "
+    "(Sinitsin et al., “Editable Neural Networks”, ICLR 2020) is trained so that a few gradient steps on one "
+    "misclassified example correct it while leaving its other predictions alone. Pick a misclassified image, "
+    "choose its true label and press **Apply edit**: the page shows whether the edit worked, how accuracy on "
+    "held-out images moved, which of them changed their prediction, and whether the fix carries over to shifted, "
+    "flipped or re-lit copies of the image. Switch between the baseline-trained and the editable-trained model to "
+    "compare them."
+)
+
+
+def user_errors(fn):
+    """Turn editcore's refusals into a message in the page (state is unchanged: they are raised first)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (SettingsError, ImageError, FileNotFoundError) as exc:
+            raise gr.Error(str(exc), title="Not possible") from None
+    return wrapper
+
+
+def _session_key(request) -> str:
+    return getattr(request, "session_hash", None) or "default"
+
+
+class Handlers:
+    """The page's event handlers as plain methods (tests call them with a stand-in request)."""
+
+    def __init__(self, lab: Lab):
+        self.lab = lab
+        self.export_dir = Path(tempfile.mkdtemp(prefix="editlab-exports-"))
+        self.view_names = view_names()
+
+    def workspace(self, request):
+        return self.lab.registry.get(_session_key(request))
+
+    # ---- pieces of the page -------------------------------------------------------------------
+    def _browse_outputs(self, ws, query=None):
+        page = ws.browse(query=query)
+        info = (f"Page **{page.page}** of {page.n_pages} · {page.total:,} image(s) match"
+                if page.total else "No image matches these filters.")
+        return render.gallery(page.items), info
+
+    def _selection_outputs(self, ws):
+        """Selected image (large), its description, the current model's top-k, the default target."""
+        if ws.selection is None:
+            return None, "Click an image in the gallery to inspect and edit it.", None, gr.update()
+        ref, image, label = ws.selected()
+        topk = ws.session(ws.model).topk(image)
+        predicted = CLASSES.index(topk[0][0])
+        target = CLASSES[label] if label >= 0 else CLASSES[predicted]
+        info = render.selection_info(self.lab.short_source_label(ref.source), ref.index, label, topk)
+        return render.upscale(image, render.LARGE_SCALE), info, dict(topk), gr.update(value=target)
+
+    def _flip_outputs(self, before, after, fixed, broken):
+        heldout = self.lab.sources[SOURCE_TEST].images
+        return render.flip_gallery(heldout, before, after, fixed), render.flip_gallery(heldout, before, after, broken)
+
+    def _state_outputs(self, ws, message: str, summary: dict | None = None):
+        """The effect panel for the session as it now stands (after undo, reset, a model switch...)."""
+        session = ws.session(ws.model)
+        curve = session.accuracy_curve()
+        flips = session.last_flips()
+        fixed_gallery, broken_gallery = self._flip_outputs(*flips) if flips else ([], [])
+        report = {"model": ws.model, "edits": len(session.history), "heldout_accuracy": curve[-1],
+                  "heldout_accuracy_base": curve[0], "message": message, **(summary or {})}
+        image, info, topk, _ = self._selection_outputs(ws)
+        return (report, message, topk, info, render.accuracy_plot(curve, ws.model, len(session.shared.heldout)),
+                render.views_placeholder("Apply an edit to see how the edited model treats shifted, flipped and "
+                                         "re-lit copies of the image."),
+                fixed_gallery, broken_gallery, render.history_rows(session.history), *self._browse_outputs(ws))
+
+    def _report_outputs(self, ws, report):
+        session = ws.session(ws.model)
+        fixed_gallery, broken_gallery = self._flip_outputs(report.predictions_before, report.predictions_after,
+                                                           report.fixed_rows, report.broken_rows)
+        _, info, topk, _ = self._selection_outputs(ws)
+        plot = render.accuracy_plot(session.accuracy_curve(), ws.model, len(session.shared.heldout))
+        return (report.to_dict(), render.status_markdown(report), topk, info, plot,
+                render.views_html(report, self.view_names), fixed_gallery, broken_gallery,
+                render.history_rows(session.history), *self._browse_outputs(ws))
+
+    def _settings(self, editor, lr, max_steps, layers, max_drop) -> EditSettings:
+        return EditSettings(editor=editor, lr=lr, max_steps=max_steps, layers=layers or "",
+                            max_drop=None if max_drop in (None, "", 0) else max_drop)
+
+    # ---- events -------------------------------------------------------------------------------
+    @user_errors
+    def on_load(self, request: gr.Request):
+        ws = self.workspace(request)
+        ws.query = BrowseQuery(misclassified=True, page_size=PAGE_SIZE)
+        ws.browse()
+        if ws.page_refs:
+            ws.select(ws.page_refs[0])
+        shared = self.lab.models[ws.model]
+        image, _, _, target = self._selection_outputs(ws)
+        state = self._state_outputs(ws, "No edits yet: pick an image, choose its correct label and press **Apply edit**.")
+        return (gr.update(value=ws.model), gr.update(value=shared.suggested_lr("rmsprop")),
+                gr.update(choices=list(shared.layer_choices), value=shared.default_layers), image, target, *state)
+
+    def unload(self, request: gr.Request):
+        self.lab.registry.drop(_session_key(request))
+
+    @user_errors
+    def browse(self, source, label, misclassified, min_confidence, max_confidence, sort, request: gr.Request):
+        ws = self.workspace(request)
+        low, high = sorted((float(min_confidence or 0), float(max_confidence if max_confidence is not None else 1)))
+        query = BrowseQuery(source=source, label=None if label in (None, ALL_CLASSES) else CLASSES.index(label),
+                            misclassified=bool(misclassified), min_confidence=low, max_confidence=high, sort=sort,
+                            page=1, page_size=PAGE_SIZE)
+        return self._browse_outputs(ws, query)
+
+    @user_errors
+    def previous_page(self, request: gr.Request):
+        ws = self.workspace(request)
+        return self._browse_outputs(ws, replace(ws.query, page=ws.query.page - 1))
+
+    @user_errors
+    def next_page(self, request: gr.Request):
+        ws = self.workspace(request)
+        return self._browse_outputs(ws, replace(ws.query, page=ws.query.page + 1))
+
+    @user_errors
+    def select_from_gallery(self, event: gr.SelectData, request: gr.Request):
+        ws = self.workspace(request)
+        ws.select_on_page(event.index)
+        return self._selection_outputs(ws)
+
+    @user_errors
+    def select_image(self, source: str, index: float, request: gr.Request):
+        """API /select_image: pick image `index` of `source` ('test', 'nae' or 'uploads')."""
+        ws = self.workspace(request)
+        if index is None or float(index) != int(float(index)):
+            raise SettingsError(f"index must be a whole number, got {index!r}")
+        ws.select(ImageRef(source, int(float(index))))
+        return self._selection_outputs(ws)
+
+    @user_errors
+    def set_model(self, model: str, request: gr.Request):
+        ws = self.workspace(request)
+        ws.session(model)  # validates the name
+        ws.model = model
+        shared = self.lab.models[model]
+        session = ws.session(model)
+        return (gr.update(value=shared.suggested_lr("rmsprop")), gr.update(value="rmsprop"),
+                gr.update(choices=list(shared.layer_choices), value=session.layers),
+                *self._state_outputs(ws, f"Showing the {model} model ({len(session.history)} edit(s) in this session)."))
+
+    def suggest_lr(self, model: str, editor: str):
+        if model not in self.lab.models or editor not in EDITORS:
+            return gr.update()
+        return gr.update(value=self.lab.models[model].suggested_lr(editor))
+
+    @user_errors
+    def apply_edit(self, target: str, model: str, editor: str, lr: float, max_steps: float, layers: str,
+                   max_drop: float, request: gr.Request, progress=gr.Progress()):
+        """API /apply_edit: edit the selected image to `target`; returns the report first."""
+        ws = self.workspace(request)
+        if target not in CLASSES:
+            raise SettingsError(f"target must be one of {', '.join(CLASSES)}, got {target!r}")
+        settings = self._settings(editor, lr, max_steps, layers, max_drop)
+        ws.session(model)
+        ws.model = model
+        with ws.lock:
+            ref, image, _ = ws.selected()
+            report = ws.session(model).apply(image[None], [CLASSES.index(target)], settings, [ref],
+                                             progress=lambda fraction, stage: progress(fraction, desc=stage))
+        return self._report_outputs(ws, report)
+
+    @user_errors
+    def undo(self, request: gr.Request):
+        ws = self.workspace(request)
+        entry = ws.session(ws.model).undo()
+        message = f"Undid edit {entry.number}." if entry else "Nothing to undo: the model is unedited."
+        return self._state_outputs(ws, message, {"undone": entry.summary() if entry else None})
+
+    @user_errors
+    def reset(self, request: gr.Request):
+        ws = self.workspace(request)
+        dropped = ws.session(ws.model).reset()
+        return self._state_outputs(ws, f"Reset the {ws.model} model to its trained weights ({dropped} edit(s) dropped).",
+                                   {"dropped": dropped})
+
+    def history(self, request: gr.Request):
+        """API /history: this session's applied edits of the model on screen."""
+        ws = self.workspace(request)
+        return [entry.summary() for entry in ws.session(ws.model).history]
+
+    @user_errors
+    def upload(self, files, request: gr.Request):
+        ws = self.workspace(request)
+        paths = [getattr(f, "name", f) for f in (files if isinstance(files, list) else [files] if files else [])]
+        refs = ws.add_uploads(paths)
+        ws.select(refs[0])
+        gallery, info = self._browse_outputs(ws, BrowseQuery(source=SOURCE_UPLOADS, page=10**9, page_size=PAGE_SIZE))
+        message = (f"Added {len(refs)} image(s), resized to 32×32. They have no true label: choose the label "
+                   "you want in the edit panel.")
+        return (gr.update(value=SOURCE_UPLOADS), gr.update(value=ALL_CLASSES), gr.update(value=False), gallery, info,
+                message, *self._selection_outputs(ws))
+
+    @user_errors
+    def compare(self, target: str, editor: str, max_steps: float, request: gr.Request, progress=gr.Progress()):
+        """API /compare: the selected correction by every method (lookup tables, fine-tuning, the editor on
+        each model), each from its unedited model; the session's own edits are not touched."""
+        ws = self.workspace(request)
+        if target not in CLASSES:
+            raise SettingsError(f"target must be one of {', '.join(CLASSES)}, got {target!r}")
+        settings = EditSettings(editor=editor, max_steps=max_steps).resolved(self.lab.models[ws.model])
+        _, image, _ = ws.selected()
+        progress(0.0, desc="loading training images for fine-tuning's replay")
+        views, outcomes = compare_fixes(self.lab.models, image, CLASSES.index(target), settings.editor,
+                                        settings.max_steps, self.lab.replay_set(),
+                                        progress=lambda fraction, stage: progress(fraction, desc=stage))
+        return render.compare_html(views, self.view_names, outcomes, CLASSES.index(target)), \
+            [o.to_dict() for o in outcomes]
+
+    @user_errors
+    def add_to_batch(self, target: str, request: gr.Request):
+        ws = self.workspace(request)
+        if target not in CLASSES:
+            raise SettingsError(f"target must be one of {', '.join(CLASSES)}, got {target!r}")
+        return self._batch_text(ws.add_to_batch(CLASSES.index(target)))
+
+    def clear_batch(self, request: gr.Request):
+        ws = self.workspace(request)
+        ws.batch = []
+        return self._batch_text([])
+
+    @staticmethod
+    def _batch_text(batch) -> str:
+        if not batch:
+            return "The batch is empty. Select an image, choose its label, press **Add to batch**."
+        return "**Batch:** " + ", ".join(f"{ref.source}:{ref.index} → {CLASSES[t]}" for ref, t in batch)
+
+    @user_errors
+    def apply_batch(self, model: str, editor: str, lr: float, max_steps: float, layers: str, max_drop: float,
+                    request: gr.Request, progress=gr.Progress()):
+        ws = self.workspace(request)
+        settings = self._settings(editor, lr, max_steps, layers, max_drop)
+        ws.session(model)
+        ws.model = model
+        with ws.lock:
+            report = ws.apply_batch(model, settings)
+        return (*self._report_outputs(ws, report), self._batch_text(ws.batch))
+
+    def _export_path(self, request, name: str) -> Path:
+        folder = self.export_dir / _session_key(request)[:32]
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / name
+
+    @user_errors
+    def export_weights(self, request: gr.Request):
+        ws = self.workspace(request)
+        session = ws.session(ws.model)
+        path = session.export_weights(self._export_path(request, f"editlab-{ws.model}-{len(session.history)}edits.safetensors"))
+        return [str(path), str(path.with_suffix(".json"))]
+
+    @user_errors
+    def export_log(self, request: gr.Request):
+        ws = self.workspace(request)
+        path = self._export_path(request, f"editlab-{ws.model}-edit-log.json")
+        path.write_text(json.dumps(ws.session(ws.model).log(), indent=1) + "\n")
+        return str(path)
+
+    @user_errors
+    def replay_log(self, file, request: gr.Request):
+        ws = self.workspace(request)
+        path = getattr(file, "name", file)
+        if not path or not os.path.isfile(path):
+            raise SettingsError("no edit log was uploaded")
+        if os.path.getsize(path) > MAX_LOG_UPLOAD_BYTES:
+            raise SettingsError(f"the edit log is larger than {MAX_LOG_UPLOAD_BYTES // 1_000_000} MB")
+        log = read_log(Path(path).read_bytes())
+        model = log.get("model") if isinstance(log, dict) and log.get("model") in self.lab.models else ws.model
+        reports = ws.session(model).replay(log)
+        ws.model = model
+        recorded = [e.get("heldout_accuracy_after") for e in log.get("edits", [])]
+        replayed = [r.heldout_accuracy_after for r in reports]
+        same = "reproduced exactly" if recorded == replayed else "NOT identical to the recorded accuracies"
+        message = (f"Replayed {len(reports)} edit(s) on the {model} model: held-out accuracy after each "
+                   f"{[round(100 * a, 2) for a in replayed]} — {same}.")
+        return (gr.update(value=model), *self._state_outputs(ws, message, {"replayed": len(reports),
+                                                                          "reproduced": recorded == replayed}))
+
+
+def build_demo(lab: Lab) -> gr.Blocks:
+    handlers = Handlers(lab)
+    model_choices = [(f"{name} — {lab.models[name].description.split(': ', 1)[1]}", name) for name in lab.models]
+    first = lab.models[next(iter(lab.models))]
+    heldout = lab.sources[SOURCE_TEST]
+    with gr.Blocks(title="EditLab — editable neural networks", analytics_enabled=False) as demo:
+        gr.Markdown("# EditLab")
+        gr.Markdown(INTRO, elem_classes="intro")
+        gr.Markdown(f"Held-out set: {len(heldout):,} CIFAR-10 test images"
+                    f"{' (the embedded sample; pass --data-root for all 10,000)' if len(heldout) < 10000 else ''}. "
+                    "Your edits are private to this browser tab and vanish when you close it.")
+        if lab.notes:
+            gr.Markdown("\n".join(f"⚠️ {note}" for note in lab.notes), elem_classes="notes")
+        model = gr.Radio(model_choices, value=next(iter(lab.models)), label="Model to edit", elem_id="model")
+
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=5):
+                gr.Markdown("### 1 · Browse")
+                with gr.Row():
+                    source = gr.Dropdown([(lab.source_label(s), s) for s in lab.source_names()], value=SOURCE_TEST,
+                                         label="Images", elem_id="source", scale=3)
+                    label_filter = gr.Dropdown([("all classes", ALL_CLASSES), *[(c, c) for c in CLASSES]],
+                                               value=ALL_CLASSES, label="True class", elem_id="class-filter", scale=2)
+                    sort = gr.Dropdown([(v, k) for k, v in SORT_LABELS.items()], value="index", label="Sort by",
+                                       elem_id="sort", scale=2)
+                with gr.Row():
+                    misclassified = gr.Checkbox(value=True, label="Misclassified only", elem_id="misclassified")
+                    min_confidence = gr.Slider(0, 1, value=0, step=0.05, label="Confidence from")
+                    max_confidence = gr.Slider(0, 1, value=1, step=0.05, label="to")
+                browse_gallery = gr.Gallery(label="Click an image to inspect it · caption: true label → model's prediction",
+                                            elem_id="browse-gallery", columns=6, height=560, allow_preview=False,
+                                            object_fit="contain", interactive=False)
+                with gr.Row():
+                    prev_page = gr.Button("← Previous page", size="sm")
+                    page_info = gr.Markdown(elem_id="page-info")
+                    next_page = gr.Button("Next page →", size="sm")
+                with gr.Row(equal_height=True):
+                    jump_index = gr.Number(label="Image index", precision=0, value=0, elem_id="jump-index",
+                                           min_width=100, scale=1)
+                    jump = gr.Button("Open image", size="md", scale=1)
+                    upload = gr.UploadButton("Upload your own images", file_count="multiple", file_types=["image"],
+                                             size="md", elem_id="upload", scale=2)
+                upload_info = gr.Markdown()
+
+            with gr.Column(scale=4):
+                gr.Markdown("### 2 · Inspect and edit")
+                with gr.Row():
+                    selected = gr.Image(label="Selected image", interactive=False, height=256, width=256,
+                                        elem_id="selected-image", buttons=[])
+                    with gr.Column():
+                        info = gr.Markdown(elem_id="selected-info")
+                        topk = gr.Label(num_top_classes=5, label="Model's top-5", elem_id="topk")
+                target = gr.Dropdown(list(CLASSES), value=CLASSES[0], label="Correct label (the edit's target)",
+                                     elem_id="target")
+                with gr.Row():
+                    editor = gr.Dropdown([(v, k) for k, v in EDITOR_LABELS.items()], value="rmsprop", label="Editor",
+                                         elem_id="editor")
+                    lr = gr.Number(value=first.suggested_lr("rmsprop"), label="Learning rate", elem_id="lr",
+                                   info="defaults to the rate the editable model learned")
+                with gr.Row():
+                    max_steps = gr.Number(value=10, label="Max steps", elem_id="max-steps")
+                    layers = gr.Dropdown(list(first.layer_choices), value=first.default_layers, label="Editable layers",
+                                         elem_id="layers")
+                    max_drop = gr.Number(value=0, label="Guardrail: max accuracy drop", elem_id="max-drop",
+                                         info="in points; 0 = off")
+                with gr.Row():
+                    apply = gr.Button("Apply edit", variant="primary", elem_id="apply")
+                    undo = gr.Button("Undo", elem_id="undo")
+                    reset = gr.Button("Reset", elem_id="reset")
+
+        gr.Markdown("### 3 · Effect of the edit")
+        status = gr.Markdown(elem_id="status")
+        with gr.Row(equal_height=False):
+            plot = gr.Plot(label="Held-out accuracy after each edit", elem_id="accuracy-plot", scale=2)
+            views = gr.HTML(elem_id="views", padding=True, scale=3)
+        with gr.Row():
+            fixed_gallery = gr.Gallery(label="Flip set: held-out images this edit fixed (prediction before → after)",
+                                       elem_id="fixed-gallery", columns=8, height=260, allow_preview=False,
+                                       interactive=False)
+            broken_gallery = gr.Gallery(label="Flip set: held-out images this edit broke (prediction before → after)",
+                                        elem_id="broken-gallery", columns=8, height=260, allow_preview=False,
+                                        interactive=False)
+        with gr.Accordion("Report (JSON, as returned by the /apply_edit API)", open=False):
+            report = gr.JSON(elem_id="report")
+
+        with gr.Tabs():
+            with gr.Tab("History and export"):
+                history_table = gr.Dataframe(headers=render.HISTORY_HEADERS, interactive=False, elem_id="history",
+                                             wrap=True)
+                with gr.Row():
+                    export_weights = gr.Button("Export edited weights (safetensors)")
+                    export_log = gr.Button("Export edit log (JSON)")
+                    replay = gr.UploadButton("Replay an edit log", file_types=[".json"], elem_id="replay")
+                export_files = gr.File(label="Downloads", file_count="multiple", interactive=False, height=120)
+                with gr.Accordion("History as JSON (the /history API)", open=False):
+                    history_button = gr.Button("Refresh", size="sm")
+                    history_json = gr.JSON()
+            with gr.Tab("Compare methods"):
+                gr.Markdown("Correct the selected image to the chosen label with a lookup table, fine-tuning and "
+                            "the editor on each model, side by side. Your session's edits are not changed.")
+                compare_button = gr.Button("Compare methods on the selected image", variant="primary",
+                                           elem_id="compare")
+                compare_table = gr.HTML(elem_id="compare-table")
+                with gr.Accordion("Comparison as JSON (the /compare API)", open=False):
+                    compare_json = gr.JSON()
+            with gr.Tab("Batch edit"):
+                gr.Markdown("Edit several images in one go: select each, choose its label, press **Add to batch**; "
+                            "then **Apply batch edit** runs one edit that must fix all of them at once.")
+                batch_info = gr.Markdown(Handlers._batch_text([]))
+                with gr.Row():
+                    add_batch = gr.Button("Add selected image to batch")
+                    apply_batch = gr.Button("Apply batch edit", variant="primary")
+                    clear_batch = gr.Button("Clear batch")
+
+        # ---- wiring ----
+        browse_outputs = [browse_gallery, page_info]
+        selection_outputs = [selected, info, topk, target]
+        effect_outputs = [report, status, topk, info, plot, views, fixed_gallery, broken_gallery, history_table,
+                          browse_gallery, page_info]
+        settings_inputs = [editor, lr, max_steps, layers, max_drop]
+        filters = [source, label_filter, misclassified, min_confidence, max_confidence, sort]
+
+        demo.load(handlers.on_load, outputs=[model, lr, layers, selected, target, *effect_outputs],
+                  api_visibility="private")
+        demo.unload(handlers.unload)
+        for control in (source, label_filter, misclassified, sort):
+            control.input(handlers.browse, filters, browse_outputs, api_visibility="private")
+        for control in (min_confidence, max_confidence):
+            control.release(handlers.browse, filters, browse_outputs, api_visibility="private")
+        prev_page.click(handlers.previous_page, None, browse_outputs, api_visibility="private")
+        next_page.click(handlers.next_page, None, browse_outputs, api_visibility="private")
+        browse_gallery.select(handlers.select_from_gallery, None, selection_outputs, api_visibility="private")
+        jump.click(handlers.select_image, [source, jump_index], selection_outputs, api_name="select_image")
+        upload.upload(handlers.upload, upload, [source, label_filter, misclassified, *browse_outputs, upload_info,
+                                                *selection_outputs], api_name="upload")
+        model.input(handlers.set_model, model, [lr, editor, layers, *effect_outputs], api_visibility="private")
+        editor.input(handlers.suggest_lr, [model, editor], lr, api_visibility="private")
+        apply.click(handlers.apply_edit, [target, model, *settings_inputs], effect_outputs, api_name="apply_edit")
+        undo.click(handlers.undo, None, effect_outputs, api_name="undo")
+        reset.click(handlers.reset, None, effect_outputs, api_name="reset")
+        history_button.click(handlers.history, None, history_json, api_name="history")
+        export_weights.click(handlers.export_weights, None, export_files, api_name="export_weights")
+        export_log.click(handlers.export_log, None, export_files, api_name="export_log")
+        replay.upload(handlers.replay_log, replay, [model, *effect_outputs], api_name="replay_log")
+        compare_button.click(handlers.compare, [target, editor, max_steps], [compare_table, compare_json],
+                             api_name="compare")
+        add_batch.click(handlers.add_to_batch, target, batch_info, api_name="add_to_batch")
+        clear_batch.click(handlers.clear_batch, None, batch_info, api_visibility="private")
+        apply_batch.click(handlers.apply_batch, [model, *settings_inputs], [*effect_outputs, batch_info],
+                          api_name="apply_batch")
+    return demo
+
+
+def launch(lab: Lab, host: str = "127.0.0.1", port: int = 7860, block: bool = True, quiet: bool = False):
+    """Build the page and serve it: local only (share=False), no server-side rendering, no analytics.
+    With block=False it returns (demo, url) at once; close with demo.close()."""
+    demo = build_demo(lab)
+    demo.queue(default_concurrency_limit=4)
+    demo.launch(server_name=host, server_port=port, share=False, ssr_mode=False, css=render.CSS,
+                footer_links=["api"], max_file_size="25mb", prevent_thread_lock=not block, quiet=quiet)
+    return demo, f"http://{host}:{port}/"

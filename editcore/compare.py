@@ -1,0 +1,93 @@
+"""The teaching view's numbers: one correction, fixed by every method, each from its unedited model.
+
+Methods: a lookup table (exact match, and nearest neighbour in pixel space) and fine-tuning on the
+baseline-trained model, and the gradient editor on every loaded model (baseline- and editable-trained).
+For each: success, steps, time, held-out accuracy before and after, how many held-out predictions
+the fix corrected or broke, and its predictions on augmented views of the image (does it generalise?).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .augment_views import augmented_views
+from .data import ImageSet
+from .fixers import EditorFixer, FinetuneFixer, Fixer, LookupFixer
+from .session import SettingsError, SharedModel
+
+FINETUNE_STEPS = 100
+FINETUNE_REPLAY = 15  # replayed training images per step, beside the corrected one
+
+
+@dataclass
+class MethodOutcome:
+    title: str  # what the method is, for a newcomer
+    model: str  # which shared model it fixed
+    detail: str  # its settings in words
+    success: bool
+    steps: int
+    seconds: float
+    accuracy_before: float
+    accuracy_after: float
+    n_fixed: int
+    n_broken: int
+    views_before: list[int]
+    views_after: list[int]
+    hyperparameters: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+def _run(title: str, detail: str, shared: SharedModel, fixer: Fixer, image: torch.Tensor, target: int,
+         views: torch.Tensor) -> MethodOutcome:
+    evaluator = shared.evaluator(shared.default_layers)
+    labels = evaluator.labels
+    views = views.to(shared.device)
+    with shared.lock:
+        result = fixer.fix(image[None].to(shared.device), torch.tensor([target], device=shared.device))
+        before, after = evaluator.base_predictions, fixer.predict_heldout(result, evaluator)
+        views_before = fixer.predict(None, views).tolist()
+        views_after = fixer.predict(result, views).tolist()
+    changed = before != after
+    return MethodOutcome(
+        title, shared.name, detail, bool(result.success), int(result.steps), float(result.seconds),
+        int((before == labels).sum()) / len(labels), int((after == labels).sum()) / len(labels),
+        int((changed & (after == labels)).sum()), int((changed & (before == labels)).sum()),
+        views_before, views_after, fixer.hyperparameters())
+
+
+def compare_fixes(models: dict[str, SharedModel], image: torch.Tensor, target: int, editor: str, max_steps: int,
+                  replay: ImageSet | None = None, finetune_steps: int = FINETUNE_STEPS,
+                  progress: Callable[[float, str], None] = lambda f, s: None) -> tuple[torch.Tensor, list[MethodOutcome]]:
+    """Fix `image` (uint8 (3,H,W)) to `target` with every method; returns (augmented views, outcomes).
+    `replay`: training images that fine-tuning mixes in (None: fine-tune on the corrected image alone)."""
+    if not models:
+        raise SettingsError("no model is loaded")
+    views = augmented_views(image)
+    practical = models.get("baseline") or next(iter(models.values()))
+    plans: list[tuple[str, str, SharedModel, Callable[[], Fixer]]] = [
+        ("Lookup table, exact match", "overrides the prediction only for this exact image", practical,
+         lambda: LookupFixer(practical.model, "exact")),
+        ("Lookup table, nearest neighbour", "overrides it for images within a small pixel distance", practical,
+         lambda: LookupFixer(practical.model, "nearest", "pixel")),
+        ("Fine-tuning", f"SGD on all weights, up to {finetune_steps} steps, " +
+         (f"{FINETUNE_REPLAY} replayed training images per step" if replay is not None
+          else "no replay (no training data loaded: pass --data-root)"), practical,
+         lambda: FinetuneFixer(practical.model, replay, FINETUNE_REPLAY if replay is not None else 0,
+                               max_steps=finetune_steps)),
+    ]
+    for name, shared in models.items():
+        lr = shared.suggested_lr(editor)
+        learned = shared.learned_editor is not None and shared.learned_editor.name == editor
+        plans.append((f"Editor on the {name} model", f"{editor}, lr {lr:.3g}{' (learned)' if learned else ''}, "
+                      f"up to {max_steps} steps on {shared.default_layers}", shared,
+                      lambda shared=shared, lr=lr: EditorFixer(shared.editable(shared.default_layers),
+                                                               shared.make_editor(editor, lr), max_steps)))
+    outcomes = []
+    for i, (title, detail, shared, make) in enumerate(plans):
+        progress(i / len(plans), title)
+        outcomes.append(_run(title, detail, shared, make(), image, target, views))
+    return views, outcomes

@@ -1,0 +1,505 @@
+"""Interactive editing: one user's stack of edits over a base model that every user shares.
+
+A `SharedModel` is loaded once per checkpoint: the base module, the editor it learned (editable
+training), and held-out evaluators that cache the activations entering the first edited stage.
+An `EditSession` holds only what one user changed: a stack of replacement-parameter dicts (one per
+applied edit), the held-out probabilities under each, and the history. Apply pushes, undo pops,
+reset clears; the base weights never change.
+
+`torch.func.functional_call` swaps a module's parameters while it runs, so two threads must never
+run the shared module at the same time: every computation on it holds `SharedModel.lock`.
+"""
+from __future__ import annotations
+
+import base64
+import copy
+import hashlib
+import itertools
+import json
+import math
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.func import functional_call
+
+from .augment_views import augmented_views, view_specs
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import CLASSES, ImageSet, normalize
+from .edit import EditableModel, edit, eval_mode
+from .editors import EDITORS, Editor, Params, create_editor
+from .metrics import HeldOutEvaluator
+from .models import default_editable_prefix
+
+LOG_FORMAT = "editlab-edit-log"
+LOG_VERSION = 1
+MAX_STEPS_LIMIT = 500
+MAX_LR = 10.0
+MAX_EDITS_PER_SESSION = 200  # each applied edit keeps one parameter dict and one set of probabilities
+MAX_LOG_BYTES = 20_000_000
+EVAL_BATCH = 1000
+
+
+class SettingsError(ValueError):
+    """A hyper-parameter or request the session refuses; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """Where an edited image came from: a browse source name and the row in it."""
+
+    source: str
+    index: int
+
+
+def _number(value, name: str) -> float:
+    if isinstance(value, bool):
+        raise SettingsError(f"{name} must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise SettingsError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise SettingsError(f"{name} must be a finite number, got {value!r}")
+    return number
+
+
+@dataclass(frozen=True)
+class EditSettings:
+    """How to edit. lr None: the learned rate when the checkpoint's editor is this one, else the
+    editor's default; layers '' : the checkpoint's editable layers; max_drop None: no guardrail,
+    else the largest held-out accuracy drop (percentage points) an edit may cause and be kept."""
+
+    editor: str = "rmsprop"
+    lr: float | None = None
+    max_steps: int = 10
+    layers: str = ""
+    max_drop: float | None = None
+
+    def resolved(self, shared: "SharedModel") -> "EditSettings":
+        """Validated settings with every default filled in; raises SettingsError."""
+        if self.editor not in EDITORS:
+            raise SettingsError(f"editor must be one of {', '.join(EDITORS)}, got {self.editor!r}")
+        lr = shared.suggested_lr(self.editor) if self.lr in (None, "") else _number(self.lr, "learning rate")
+        if not 0 < lr <= MAX_LR:
+            raise SettingsError(f"learning rate must be > 0 and <= {MAX_LR}, got {lr:g}")
+        steps = _number(self.max_steps, "max steps")
+        if steps != int(steps) or not 1 <= steps <= MAX_STEPS_LIMIT:
+            raise SettingsError(f"max steps must be a whole number from 1 to {MAX_STEPS_LIMIT}, got {self.max_steps!r}")
+        layers = self.layers or shared.default_layers
+        if layers not in shared.layer_choices:
+            raise SettingsError(f"editable layers must be one of {', '.join(shared.layer_choices)}, got {layers!r}")
+        max_drop = None
+        if self.max_drop not in (None, ""):
+            max_drop = _number(self.max_drop, "guardrail (max accuracy drop)")
+            if not 0 <= max_drop <= 100:
+                raise SettingsError(f"guardrail must be between 0 and 100 accuracy points, got {max_drop:g}")
+        return EditSettings(self.editor, lr, int(steps), layers, max_drop)
+
+
+class SharedModel:
+    """A checkpoint loaded once, shared read-only by all sessions, with its held-out evaluators."""
+
+    def __init__(self, name: str, path: str | Path, heldout: ImageSet, device: torch.device | str = "cpu"):
+        self.name, self.path, self.device = name, Path(path), torch.device(device)
+        checkpoint = load_checkpoint(self.path, self.device)
+        self.card, self.model, self.learned_editor = checkpoint.card, checkpoint.model.eval(), checkpoint.editor
+        self.sha256 = hashlib.sha256(self.path.read_bytes()).hexdigest()
+        self.default_layers = self.card.get("editable_prefix") or default_editable_prefix(self.card["arch"])
+        # Every stage but the first: editing the stem would make every held-out check a full forward pass.
+        self.layer_choices = tuple(dict.fromkeys([*self.model.stage_names[1:], self.default_layers]))
+        self.heldout = heldout.to(self.device)
+        self.lock = threading.RLock()
+        self._editables: dict[str, EditableModel] = {}
+        self._evaluators: dict[str, HeldOutEvaluator] = {}
+        self._source_probs: dict[str, torch.Tensor] = {}
+        self.base_heldout_probs = self.heldout_probabilities(self.default_layers, None)
+
+    @property
+    def description(self) -> str:
+        accuracy = self.card.get("test_accuracy")
+        trained = "editable-trained" if self.card.get("objective") == "editable" else "baseline-trained"
+        return (f"{self.name}: {self.card['arch']}, {trained}, test accuracy "
+                f"{accuracy:.1%}" if accuracy is not None else f"{self.name}: {self.card['arch']}, {trained}")
+
+    def suggested_lr(self, editor: str) -> float:
+        if self.learned_editor is not None and self.learned_editor.name == editor:
+            return self.learned_editor.hyperparameters()["lr"]
+        return EDITORS[editor].default_lr
+
+    def make_editor(self, name: str, lr: float) -> Editor:
+        """`name` at `lr`, with the learned betas when the checkpoint learned this editor."""
+        betas = {}
+        if self.learned_editor is not None and self.learned_editor.name == name:
+            betas = {k: v for k, v in self.learned_editor.hyperparameters().items() if k != "lr"}
+        return create_editor(name, lr=lr, **betas).to(self.device)
+
+    def editable(self, layers: str) -> EditableModel:
+        with self.lock:
+            if layers not in self._editables:
+                self._editables[layers] = EditableModel(self.model, layers)
+            return self._editables[layers]
+
+    def evaluator(self, layers: str) -> HeldOutEvaluator:
+        """The held-out evaluator whose cache sits at these layers' first stage (built on first use)."""
+        with self.lock:
+            if layers not in self._evaluators:
+                self._evaluators[layers] = HeldOutEvaluator(self.editable(layers), self.heldout.images, self.heldout.labels,
+                                                            batch_size=EVAL_BATCH)
+            return self._evaluators[layers]
+
+    @torch.no_grad()
+    def heldout_probabilities(self, layers: str, params: Params | None) -> torch.Tensor:
+        """Class probabilities (N, classes) on the held-out set, from the cached features (CPU)."""
+        evaluator = self.evaluator(layers)
+        editable = evaluator.editable
+        with self.lock, eval_mode(self.model):
+            return torch.cat([torch.softmax(editable.logits_from_features(evaluator.features[i : i + EVAL_BATCH], params), 1)
+                              for i in range(0, len(evaluator.labels), EVAL_BATCH)]).cpu()
+
+    @torch.no_grad()
+    def probabilities(self, images: torch.Tensor, params: Params | None = None) -> torch.Tensor:
+        """Class probabilities (N, classes) of uint8 images through the whole model (CPU)."""
+        if len(images) == 0:
+            return torch.empty(0, len(CLASSES))
+        with self.lock, eval_mode(self.model):
+            out = []
+            for i in range(0, len(images), EVAL_BATCH):
+                x = normalize(images[i : i + EVAL_BATCH].to(self.device))
+                logits = functional_call(self.model, params, (x,)) if params else self.model(x)
+                out.append(torch.softmax(logits, 1).cpu())
+            return torch.cat(out)
+
+    def base_source_probabilities(self, key: str, images: torch.Tensor) -> torch.Tensor:
+        """Base-model probabilities of a fixed browse source, computed once for all sessions."""
+        with self.lock:
+            if key not in self._source_probs:
+                self._source_probs[key] = self.probabilities(images)
+            return self._source_probs[key]
+
+    def edited_state_dict(self, params: Params) -> dict[str, torch.Tensor]:
+        with self.lock:
+            state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        state.update({k: v.detach().clone() for k, v in params.items()})
+        return state
+
+
+def encode_pixels(image: torch.Tensor) -> str:
+    return base64.b64encode(image.to(torch.uint8).cpu().contiguous().numpy().tobytes()).decode("ascii")
+
+
+def decode_pixels(text: str, shape=(3, 32, 32)) -> torch.Tensor:
+    raw = base64.b64decode(text.encode("ascii"), validate=True)
+    if len(raw) != math.prod(shape):
+        raise SettingsError(f"an edit log image has {len(raw)} bytes, expected {math.prod(shape)}")
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(*shape).clone()
+
+
+@dataclass
+class EditEntry:
+    """One applied edit, as it appears in the history and the log."""
+
+    number: int
+    refs: list[ImageRef]
+    targets: list[int]
+    pixels: list[str]  # base64 of each edited uint8 image, so a log replays without the sources
+    settings: EditSettings
+    success: bool
+    steps: int
+    seconds: float
+    heldout_accuracy_before: float
+    heldout_accuracy_after: float
+    fixed_rows: list[int] = field(repr=False)
+    broken_rows: list[int] = field(repr=False)
+
+    def summary(self) -> dict:
+        return {
+            "edit": self.number,
+            "images": [f"{r.source}:{r.index}" for r in self.refs],
+            "targets": [CLASSES[t] for t in self.targets],
+            **{k: v for k, v in asdict(self.settings).items()},
+            "success": self.success,
+            "steps": self.steps,
+            "seconds": round(self.seconds, 4),
+            "heldout_accuracy_before": self.heldout_accuracy_before,
+            "heldout_accuracy_after": self.heldout_accuracy_after,
+            "n_fixed": len(self.fixed_rows),
+            "n_broken": len(self.broken_rows),
+        }
+
+
+@dataclass
+class EditReport:
+    """What one apply did. The accuracy and flip fields describe the candidate edit; `applied`
+    says whether the session kept it (a failed or guard-railed edit is rolled back)."""
+
+    success: bool
+    applied: bool
+    message: str
+    steps: int
+    seconds: float
+    evaluation_seconds: float
+    heldout_accuracy_base: float
+    heldout_accuracy_before: float
+    heldout_accuracy_after: float
+    n_heldout: int
+    n_fixed: int
+    n_broken: int
+    n_changed: int
+    model: str
+    settings: EditSettings
+    refs: list[ImageRef]
+    targets: list[int]
+    views_before: list[int]  # predicted class of each augmented view of the first image, before
+    views_after: list[int]  # and after the candidate edit
+    views: torch.Tensor = field(repr=False)  # the augmented views themselves, uint8 (V,3,H,W), `view_names()` order
+    predictions_before: torch.Tensor = field(repr=False)  # held-out predicted classes before the candidate edit
+    predictions_after: torch.Tensor = field(repr=False)  # and after it
+    fixed_rows: list[int] = field(repr=False)
+    broken_rows: list[int] = field(repr=False)
+
+    def to_dict(self) -> dict:
+        target = self.targets[0]
+        hits = lambda preds: sum(p == target for p in preds) / max(1, len(preds))  # noqa: E731
+        return {
+            "success": self.success,
+            "applied": self.applied,
+            "message": self.message,
+            "steps": self.steps,
+            "seconds": round(self.seconds, 4),
+            "evaluation_seconds": round(self.evaluation_seconds, 4),
+            "heldout_accuracy_base": self.heldout_accuracy_base,
+            "heldout_accuracy_before": self.heldout_accuracy_before,
+            "heldout_accuracy_after": self.heldout_accuracy_after,
+            "n_heldout": self.n_heldout,
+            "n_fixed": self.n_fixed,
+            "n_broken": self.n_broken,
+            "n_changed": self.n_changed,
+            "model": self.model,
+            "images": [f"{r.source}:{r.index}" for r in self.refs],
+            "targets": [CLASSES[t] for t in self.targets],
+            **asdict(self.settings),
+            "views_at_target_before": hits(self.views_before),
+            "views_at_target_after": hits(self.views_after),
+        }
+
+
+@dataclass
+class _State:
+    params: Params  # replacement tensors for the editable parameters ({} = the base model)
+    heldout_probs: torch.Tensor  # (N, classes) on the held-out set, CPU
+    version: int  # unique per state: keys caches of probabilities on other sources
+
+
+class EditSession:
+    """One user's edits of one shared model."""
+
+    _versions = itertools.count(1)
+
+    def __init__(self, shared: SharedModel):
+        self.shared = shared
+        self.layers = shared.default_layers
+        self.history: list[EditEntry] = []
+        self._base = _State({}, shared.base_heldout_probs, 0)
+        self._stack: list[_State] = []
+        self._source_cache: dict[tuple[str, int], torch.Tensor] = {}
+
+    @property
+    def _top(self) -> _State:
+        return self._stack[-1] if self._stack else self._base
+
+    @property
+    def params(self) -> Params:
+        return self._top.params
+
+    @property
+    def version(self) -> int:
+        return self._top.version
+
+    @property
+    def heldout_probs(self) -> torch.Tensor:
+        return self._top.heldout_probs
+
+    def heldout_accuracy(self, probs: torch.Tensor | None = None) -> float:
+        probs = self.heldout_probs if probs is None else probs
+        return int((probs.argmax(1) == self.shared.heldout.labels.cpu()).sum()) / len(probs)
+
+    def accuracy_curve(self) -> list[float]:
+        """Held-out accuracy of the base model, then after each applied edit."""
+        return [self.heldout_accuracy(self._base.heldout_probs)] + [e.heldout_accuracy_after for e in self.history]
+
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        return self.shared.probabilities(images, self.params)
+
+    def source_probabilities(self, key: str, images: torch.Tensor) -> torch.Tensor:
+        """Probabilities of a fixed image set under the current edits (cached per state)."""
+        if not self._stack:
+            return self.shared.base_source_probabilities(key, images)
+        cache_key = (key, self.version)
+        if cache_key not in self._source_cache:
+            self._source_cache = {k: v for k, v in self._source_cache.items() if k[1] == self.version}
+            self._source_cache[cache_key] = self.probabilities(images)
+        return self._source_cache[cache_key]
+
+    def topk(self, image: torch.Tensor, k: int = len(CLASSES)) -> list[tuple[str, float]]:
+        """The current model's k most likely classes for one uint8 image (3,H,W), best first."""
+        probs = self.probabilities(image.view(1, *image.shape[-3:]))[0]
+        values, classes = probs.topk(k)
+        return [(CLASSES[c], float(v)) for v, c in zip(values.tolist(), classes.tolist())]
+
+    def apply(self, images: torch.Tensor, targets: list[int], settings: EditSettings, refs: list[ImageRef],
+              progress: Callable[[float, str], None] = lambda fraction, stage: None) -> EditReport:
+        """Edit so every image gets its target; keep the result only if it succeeds and passes the
+        guardrail. Bad settings raise SettingsError before anything changes. `progress(fraction,
+        stage)` is told when each stage starts."""
+        settings = settings.resolved(self.shared)
+        images = images.view(-1, *images.shape[-3:])
+        if images.dtype != torch.uint8 or len(images) == 0 or len(images) != len(targets) or len(refs) != len(targets):
+            raise SettingsError("an edit needs one or more uint8 images, each with a target and a reference")
+        if not all(isinstance(t, int) and 0 <= t < len(CLASSES) for t in targets):
+            raise SettingsError(f"targets must be class indices 0-{len(CLASSES) - 1}, got {targets}")
+        if self.history and settings.layers != self.layers:
+            raise SettingsError(f"this session's edits change {self.layers}; reset before editing {settings.layers}")
+        if len(self.history) >= MAX_EDITS_PER_SESSION:
+            raise SettingsError(f"a session keeps at most {MAX_EDITS_PER_SESSION} edits; reset or export and start again")
+        shared, device = self.shared, self.shared.device
+        editor = shared.make_editor(settings.editor, settings.lr)
+        editable = shared.editable(settings.layers)
+        target_tensor = torch.tensor(targets, device=device)
+        views = augmented_views(images[0])
+        with shared.lock:
+            progress(0.0, f"editing ({settings.editor}, up to {settings.max_steps} steps)")
+            start_params = self.params or editable.frozen_base_params()
+            result = edit(editable, normalize(images.to(device)), target_tensor, editor, settings.max_steps, params=start_params)
+            progress(0.4, f"re-evaluating {len(shared.heldout):,} held-out images")
+            started = time.perf_counter()
+            probs_after = shared.heldout_probabilities(settings.layers, result.params)
+            evaluation_seconds = time.perf_counter() - started
+            progress(0.9, "checking augmented views")
+            with torch.no_grad(), eval_mode(shared.model):
+                view_features = editable.features(normalize(views.to(device)))  # an edit leaves these unchanged
+                views_before = editable.logits_from_features(view_features, self.params or None).argmax(1).tolist()
+                views_after = editable.logits_from_features(view_features, result.params).argmax(1).tolist()
+        labels = shared.heldout.labels.cpu()
+        before, after = self.heldout_probs.argmax(1), probs_after.argmax(1)
+        changed = before != after
+        fixed = torch.nonzero(changed & (after == labels)).view(-1).tolist()
+        broken = torch.nonzero(changed & (before == labels)).view(-1).tolist()
+        acc_before, acc_after = self.heldout_accuracy(), self.heldout_accuracy(probs_after)
+        drop = 100 * (acc_before - acc_after)
+        if not result.success:
+            applied, message = False, (f"The edit did not reach the target within {settings.max_steps} steps; "
+                                       "rolled back (try more steps or a larger learning rate).")
+        elif settings.max_drop is not None and drop > settings.max_drop:
+            applied, message = False, (f"Guardrail: held-out accuracy would drop by {drop:.2f} points "
+                                       f"(limit {settings.max_drop:g}); rolled back.")
+        else:
+            applied, message = True, f"Edit {len(self.history) + 1} applied in {result.steps} step(s)."
+        if applied:
+            self.layers = settings.layers
+            self._stack.append(_State(result.params, probs_after, next(self._versions)))
+            self.history.append(EditEntry(len(self.history) + 1, list(refs), list(targets),
+                                          [encode_pixels(image) for image in images], settings, result.success,
+                                          result.steps, result.seconds, acc_before, acc_after, fixed, broken))
+        return EditReport(result.success, applied, message, result.steps, result.seconds, evaluation_seconds,
+                          self.heldout_accuracy(self._base.heldout_probs), acc_before, acc_after, len(labels), len(fixed),
+                          len(broken), int(changed.sum()), shared.name, settings, list(refs), list(targets),
+                          views_before, views_after, views, before, after, fixed, broken)
+
+    def last_flips(self) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]] | None:
+        """(predictions before, after, fixed rows, broken rows) of the last applied edit, or None."""
+        if not self._stack:
+            return None
+        below = self._stack[-2] if len(self._stack) > 1 else self._base
+        entry = self.history[-1]
+        return below.heldout_probs.argmax(1), self._top.heldout_probs.argmax(1), entry.fixed_rows, entry.broken_rows
+
+    def undo(self) -> EditEntry | None:
+        """Drop the last applied edit; returns it (None when there was none)."""
+        if not self._stack:
+            return None
+        self._stack.pop()
+        return self.history.pop()
+
+    def reset(self) -> int:
+        """Back to the base model; returns how many edits were dropped."""
+        dropped = len(self.history)
+        self._stack.clear()
+        self.history.clear()
+        self._source_cache.clear()
+        self.layers = self.shared.default_layers
+        return dropped
+
+    def export_weights(self, path: str | Path) -> Path:
+        """The edited model as a checkpoint (safetensors + card) that `load_checkpoint` reads."""
+        model = copy.deepcopy(self.shared.model).cpu()
+        model.load_state_dict({k: v.cpu() for k, v in self.shared.edited_state_dict(self.params).items()})
+        card = {**self.shared.card, "edited_from": {"checkpoint": str(self.shared.path), "sha256": self.shared.sha256},
+                "edits": [entry.summary() for entry in self.history]}
+        card.pop("editor", None)  # save_checkpoint re-adds it from the editor it is given
+        editor = copy.deepcopy(self.shared.learned_editor).cpu() if self.shared.learned_editor is not None else None
+        return save_checkpoint(path, model, card, editor)
+
+    def log(self) -> dict:
+        """The session as a JSON-ready edit log that `replay` reproduces."""
+        return {
+            "format": LOG_FORMAT,
+            "version": LOG_VERSION,
+            "model": self.shared.name,
+            "checkpoint": {"path": str(self.shared.path), "sha256": self.shared.sha256, "arch": self.shared.card["arch"]},
+            "heldout": {"source": self.shared.heldout.source, "n": len(self.shared.heldout)},
+            "layers": self.layers,
+            "edits": [{**entry.summary(), "refs": [asdict(r) for r in entry.refs], "target_indices": entry.targets,
+                       "pixels": entry.pixels, "settings": asdict(entry.settings)} for entry in self.history],
+        }
+
+    def replay(self, log: dict) -> list[EditReport]:
+        """Reset, then apply every edit of `log` (from `log()`) with its recorded settings.
+        Raises SettingsError (state untouched) if the log is malformed or for another model."""
+        edits = parse_log(log, self.shared)
+        self.reset()
+        reports = []
+        for item in edits:
+            reports.append(self.apply(item["images"], item["targets"], item["settings"], item["refs"]))
+        return reports
+
+
+def parse_log(log: dict, shared: SharedModel) -> list[dict]:
+    """Validate an edit log and decode its edits; raises SettingsError with the reason."""
+    if not isinstance(log, dict) or log.get("format") != LOG_FORMAT:
+        raise SettingsError(f"not an EditLab edit log (expected \"format\": \"{LOG_FORMAT}\")")
+    if log.get("version") != LOG_VERSION:
+        raise SettingsError(f"edit log version {log.get('version')!r} is not supported (this app reads {LOG_VERSION})")
+    arch = (log.get("checkpoint") or {}).get("arch")
+    if arch != shared.card["arch"]:
+        raise SettingsError(f"the log edits a {arch} model but {shared.name} is a {shared.card['arch']}")
+    edits = []
+    try:
+        for item in log["edits"]:
+            settings = EditSettings(**item["settings"]).resolved(shared)
+            refs = [ImageRef(str(r["source"]), int(r["index"])) for r in item["refs"]]
+            images = torch.stack([decode_pixels(p) for p in item["pixels"]])
+            targets = [int(t) for t in item["target_indices"]]
+            edits.append({"images": images, "targets": targets, "settings": settings, "refs": refs})
+    except SettingsError:
+        raise
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SettingsError(f"malformed edit log: {exc!r}") from None
+    return edits
+
+
+def read_log(data: bytes | str) -> dict:
+    """Parse edit-log JSON text (JSON only, size-capped)."""
+    if len(data) > MAX_LOG_BYTES:
+        raise SettingsError(f"edit log is larger than {MAX_LOG_BYTES // 1_000_000} MB")
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"the edit log is not valid JSON: {exc}") from None
+
+
+def view_names() -> list[str]:
+    return [spec.name for spec in view_specs()]

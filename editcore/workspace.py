@@ -1,0 +1,339 @@
+"""The interactive lab behind the app, without any GUI.
+
+`Lab` is loaded once per process: the shared models, the held-out set and the fixed browse sources.
+A `Workspace` is one user's corner of it: their uploads, selection, batch list, browse page and one
+`EditSession` per model; `WorkspaceRegistry` hands each browser session its own workspace and drops
+idle ones, so per-user memory is bounded.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .data import CLASSES, ImageSet, load_cifar10, load_sample, resolve_data_root
+from .device import pick_device
+from .nae import load_nae
+from .session import EditReport, EditSession, EditSettings, ImageRef, SettingsError, SharedModel
+
+SOURCE_TEST, SOURCE_NAE, SOURCE_UPLOADS = "test", "nae", "uploads"
+SORTS = ("index", "confidence-asc", "confidence-desc", "loss-desc")
+MAX_UPLOAD_PIXELS = 40_000_000
+MAX_UPLOADS = 200
+MAX_BATCH = 32
+IMAGE_SIZE = 32
+
+
+class ImageError(ValueError):
+    """An upload that is not a usable image; the message names the file and the reason."""
+
+
+def decode_image(path: str | Path) -> torch.Tensor:
+    """Any readable image file -> uint8 (3, 32, 32) RGB: transparency on white, the centre square,
+    resized with Lanczos. Raises ImageError for anything that is not a readable image."""
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if width * height > MAX_UPLOAD_PIXELS:
+                raise ImageError(f"{path.name} is {width}x{height} pixels; the limit is {MAX_UPLOAD_PIXELS // 1_000_000} megapixels")
+            image.draft("RGB", (4 * IMAGE_SIZE, 4 * IMAGE_SIZE))  # JPEG: decode at a reduced scale, much faster
+            image = ImageOps.exif_transpose(image)
+            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+                image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image.convert("RGBA"))
+            image = image.convert("RGB")
+            side = min(image.size)
+            left, top = (image.width - side) // 2, (image.height - side) // 2
+            image = image.crop((left, top, left + side, top + side))
+            image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
+            pixels = np.asarray(image, dtype=np.uint8)
+    except ImageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for damaged files; all mean "unreadable"
+        raise ImageError(f"{path.name} is not a readable image ({type(exc).__name__}: {exc})") from None
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous()
+
+
+class Lab:
+    """Everything shared by all users: models (by name), the held-out set, fixed browse sources."""
+
+    def __init__(self, models: dict[str, SharedModel], sources: dict[str, ImageSet], notes: list[str] | None = None,
+                 data_root: Path | None = None):
+        if not models:
+            raise ValueError("the lab needs at least one model")
+        self.models, self.sources, self.notes, self.data_root = models, sources, list(notes or []), data_root
+        if any(len(m.heldout) != len(sources[SOURCE_TEST]) for m in models.values()):
+            raise ValueError("every model must be evaluated on the test source (the held-out set)")
+        self.registry = WorkspaceRegistry(self)
+        self._train: ImageSet | None = None
+        self._train_lock = threading.Lock()
+
+    @classmethod
+    def load(cls, checkpoints: list[tuple[str, Path]], data_root: str | Path | None = None, device: str | None = None,
+             nae_path: str | Path | None = None, log=print) -> "Lab":
+        """Load the test set (held-out set and first browse source), the NAE set when it exists,
+        and every checkpoint. A missing checkpoint is skipped with a note; none at all raises."""
+        device = pick_device(device)
+        root = resolve_data_root(data_root)
+        test = load_cifar10("test", root) if root is not None else load_sample()
+        sources = {SOURCE_TEST: test}
+        notes = []
+        if nae_path is not None and Path(nae_path).is_file():
+            try:
+                sources[SOURCE_NAE] = load_nae(nae_path)
+            except (ValueError, OSError) as exc:
+                notes.append(f"NAE set {nae_path} could not be read: {exc}")
+        models = {}
+        for name, path in checkpoints:
+            if not Path(path).is_file():
+                notes.append(f"Checkpoint {path} ({name}) is missing, so the {name} model is not available. "
+                             "Train it with `python -m editcore train` (see the README) or pass --checkpoint.")
+                continue
+            started = time.perf_counter()
+            models[name] = SharedModel(name, path, test, device)
+            log(f"loaded {name} from {path}, held-out features for {len(test)} images in "
+                f"{time.perf_counter() - started:.1f} s")
+        if not models:
+            raise FileNotFoundError(" ".join(notes) or "no checkpoint given")
+        return cls(models, sources, notes, root)
+
+    def source_label(self, name: str) -> str:
+        if name == SOURCE_TEST:
+            test = self.sources[SOURCE_TEST]
+            kind = "embedded sample" if len(test) < 10000 else "full test set"
+            return f"CIFAR-10 test ({kind}, {len(test):,} images)"
+        if name == SOURCE_NAE:
+            return f"Natural adversarial examples ({len(self.sources[SOURCE_NAE]):,} images)"
+        return "Your uploads"
+
+    def replay_set(self) -> ImageSet | None:
+        """CIFAR-10 training images for fine-tuning's replay: read on first use; None without a data root."""
+        if self.data_root is None:
+            return None
+        with self._train_lock:
+            if self._train is None:
+                self._train = load_cifar10("train", self.data_root)
+            return self._train
+
+    def short_source_label(self, name: str) -> str:
+        return {SOURCE_TEST: "CIFAR-10 test", SOURCE_NAE: "NAE", SOURCE_UPLOADS: "Upload"}.get(name, name)
+
+    def source_names(self) -> list[str]:
+        return [*self.sources, SOURCE_UPLOADS]
+
+
+@dataclass(frozen=True)
+class BrowseQuery:
+    source: str = SOURCE_TEST
+    label: int | None = None  # keep images whose true class is this
+    misclassified: bool = False
+    min_confidence: float = 0.0  # probability of the predicted class
+    max_confidence: float = 1.0
+    sort: str = "index"
+    page: int = 1
+    page_size: int = 24
+
+
+@dataclass(frozen=True)
+class BrowseItem:
+    ref: ImageRef
+    image: torch.Tensor  # uint8 (3, 32, 32)
+    label: int  # -1: unknown (uploads)
+    predicted: int
+    confidence: float
+
+
+@dataclass(frozen=True)
+class BrowsePage:
+    items: list[BrowseItem]
+    total: int  # images matching the filters
+    page: int
+    n_pages: int
+
+
+class Workspace:
+    """One user's state. Methods that change it hold `lock`, so one user's clicks never interleave."""
+
+    def __init__(self, lab: Lab):
+        self.lab = lab
+        self.lock = threading.RLock()
+        self.sessions: dict[str, EditSession] = {}
+        self.model = "editable" if "editable" in lab.models else next(iter(lab.models))  # the one on screen
+        self.query = BrowseQuery()  # the last browse request, re-run after every edit
+        self.uploads = torch.empty(0, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
+        self.upload_names: list[str] = []
+        self.selection: ImageRef | None = None
+        self.page_refs: list[ImageRef] = []
+        self.batch: list[tuple[ImageRef, int]] = []
+        self.last_used = time.monotonic()
+
+    def session(self, model: str) -> EditSession:
+        if model not in self.lab.models:
+            raise SettingsError(f"model must be one of {', '.join(self.lab.models)}, got {model!r}")
+        with self.lock:
+            if model not in self.sessions:
+                self.sessions[model] = EditSession(self.lab.models[model])
+            return self.sessions[model]
+
+    def source(self, name: str) -> ImageSet:
+        if name == SOURCE_UPLOADS:
+            n = len(self.uploads)
+            return ImageSet(self.uploads, torch.full((n,), -1, dtype=torch.long), torch.arange(n), SOURCE_UPLOADS)
+        if name not in self.lab.sources:
+            raise SettingsError(f"source must be one of {', '.join(self.lab.source_names())}, got {name!r}")
+        return self.lab.sources[name]
+
+    def image(self, ref: ImageRef) -> tuple[torch.Tensor, int]:
+        """(uint8 image (3,32,32), true label or -1) for a reference; SettingsError if out of range."""
+        images = self.source(ref.source)
+        if not 0 <= ref.index < len(images):
+            raise SettingsError(f"index must be between 0 and {len(images) - 1} for source {ref.source!r}, got {ref.index}"
+                                if len(images) else f"source {ref.source!r} has no images yet")
+        return images.images[ref.index], int(images.labels[ref.index])
+
+    def probabilities(self, model: str, source: str) -> torch.Tensor:
+        """The model's current (edited) class probabilities for every image of a source."""
+        session = self.session(model)
+        images = self.source(source)
+        if source == SOURCE_TEST:  # the test source is the held-out set: its probabilities are kept per edit
+            return session.heldout_probs
+        if source == SOURCE_UPLOADS:
+            return session.probabilities(images.images)
+        return session.source_probabilities(source, images.images)
+
+    def browse(self, model: str | None = None, query: BrowseQuery | None = None) -> BrowsePage:
+        """Filter, sort and page a source (default: the last query, with the model on screen);
+        remembers the page so a gallery click maps to an image."""
+        query = query or self.query
+        if query.sort not in SORTS:
+            raise SettingsError(f"sort must be one of {', '.join(SORTS)}, got {query.sort!r}")
+        with self.lock:
+            model = model or self.model
+            images = self.source(query.source)
+            probs = self.probabilities(model, query.source)
+            labels = images.labels.cpu()
+            confidence, predicted = probs.max(1)
+            keep = (confidence >= query.min_confidence) & (confidence <= query.max_confidence)
+            if query.label is not None:
+                keep &= labels == query.label
+            if query.misclassified:
+                keep &= (labels >= 0) & (predicted != labels)
+            rows = torch.nonzero(keep).view(-1)
+            if query.sort.startswith("confidence"):
+                rows = rows[confidence[rows].argsort(descending=query.sort.endswith("desc"), stable=True)]
+            elif query.sort == "loss-desc":
+                true_prob = probs[rows, labels[rows].clamp(min=0)]
+                loss = torch.where(labels[rows] >= 0, -torch.log(true_prob.clamp(min=1e-12)), torch.full_like(true_prob, -1.0))
+                rows = rows[loss.argsort(descending=True, stable=True)]
+            size = max(1, int(query.page_size))
+            n_pages = max(1, math.ceil(len(rows) / size))
+            page = min(max(1, int(query.page)), n_pages)
+            chosen = rows[(page - 1) * size : page * size].tolist()
+            items = [BrowseItem(ImageRef(query.source, r), images.images[r].cpu(), int(labels[r]), int(predicted[r]),
+                                float(confidence[r])) for r in chosen]
+            self.page_refs = [item.ref for item in items]
+            self.query = replace(query, page=page)
+            return BrowsePage(items, len(rows), page, n_pages)
+
+    def select(self, ref: ImageRef) -> tuple[torch.Tensor, int]:
+        with self.lock:
+            image, label = self.image(ref)
+            self.selection = ref
+            return image, label
+
+    def select_on_page(self, position: int) -> ImageRef:
+        with self.lock:
+            if not 0 <= position < len(self.page_refs):
+                raise SettingsError("that image is no longer on the page; refresh the gallery")
+            self.select(self.page_refs[position])
+            return self.page_refs[position]
+
+    def selected(self) -> tuple[ImageRef, torch.Tensor, int]:
+        if self.selection is None:
+            raise SettingsError("select an image first (click one in the gallery)")
+        image, label = self.image(self.selection)
+        return self.selection, image, label
+
+    def add_uploads(self, paths: list[str | Path]) -> list[ImageRef]:
+        """Decode every file; all or nothing: one unreadable file adds none and raises ImageError."""
+        if not paths:
+            raise ImageError("no file was uploaded")
+        decoded, errors = [], []
+        for path in paths:
+            try:
+                decoded.append(decode_image(path))
+            except ImageError as exc:
+                errors.append(str(exc))
+        if errors:
+            raise ImageError("Nothing was added. " + " ".join(errors))
+        with self.lock:
+            if len(self.uploads) + len(decoded) > MAX_UPLOADS:
+                raise ImageError(f"a session holds at most {MAX_UPLOADS} uploads")
+            start = len(self.uploads)
+            self.uploads = torch.cat([self.uploads, torch.stack(decoded)])
+            self.upload_names += [Path(p).name for p in paths]
+            return [ImageRef(SOURCE_UPLOADS, start + i) for i in range(len(decoded))]
+
+    def apply(self, model: str, target: int, settings: EditSettings) -> EditReport:
+        """Edit the selected image to `target` in this user's session of `model`."""
+        with self.lock:
+            ref, image, _ = self.selected()
+            return self.session(model).apply(image[None], [target], settings, [ref])
+
+    def add_to_batch(self, target: int) -> list[tuple[ImageRef, int]]:
+        with self.lock:
+            ref, _, _ = self.selected()
+            if not 0 <= target < len(CLASSES):
+                raise SettingsError(f"target must be a class index 0-{len(CLASSES) - 1}")
+            if len(self.batch) >= MAX_BATCH:
+                raise SettingsError(f"a batch holds at most {MAX_BATCH} images")
+            self.batch = [item for item in self.batch if item[0] != ref] + [(ref, target)]
+            return list(self.batch)
+
+    def apply_batch(self, model: str, settings: EditSettings) -> EditReport:
+        """One edit that gives every image of the batch its target; the batch is cleared if applied."""
+        with self.lock:
+            if not self.batch:
+                raise SettingsError("the batch is empty: select images and press 'Add to batch'")
+            images = torch.stack([self.image(ref)[0] for ref, _ in self.batch])
+            report = self.session(model).apply(images, [t for _, t in self.batch], settings, [r for r, _ in self.batch])
+            if report.applied:
+                self.batch = []
+            return report
+
+
+class WorkspaceRegistry:
+    """Workspaces by browser-session key; idle ones (and the oldest beyond `max_workspaces`) are dropped."""
+
+    def __init__(self, lab: Lab, max_workspaces: int = 64, idle_seconds: float = 3 * 3600):
+        self.lab, self.max_workspaces, self.idle_seconds = lab, max_workspaces, idle_seconds
+        self._workspaces: dict[str, Workspace] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> Workspace:
+        with self._lock:
+            workspace = self._workspaces.get(key)
+            if workspace is None:
+                self._evict(time.monotonic())
+                workspace = self._workspaces[key] = Workspace(self.lab)
+            workspace.last_used = time.monotonic()
+            return workspace
+
+    def drop(self, key: str) -> None:
+        with self._lock:
+            self._workspaces.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._workspaces)
+
+    def _evict(self, now: float) -> None:
+        for key in [k for k, w in self._workspaces.items() if now - w.last_used > self.idle_seconds]:
+            del self._workspaces[key]
+        while len(self._workspaces) >= self.max_workspaces:
+            del self._workspaces[min(self._workspaces, key=lambda k: self._workspaces[k].last_used)]

@@ -1,0 +1,51 @@
+"""Shared by the app tests: checkpoints to load (the shipped ones when present, else conftest's briefly
+trained ResNet-20) and the app served from the test process on a free port."""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from editcore import Lab, create_editor, save_checkpoint  # noqa: E402
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+SHIPPED = (("baseline", ASSETS / "resnet20_baseline.safetensors"), ("editable", ASSETS / "resnet20_editable.safetensors"))
+_made: tuple[tuple[str, Path], ...] | None = None
+
+
+def checkpoints(tmp_path_factory, model) -> tuple[tuple[str, Path], ...]:
+    """(name, path) of a baseline and an editable checkpoint: the shipped ones when present, else written
+    once per test run from `model` (conftest's briefly trained ResNet-20). The written 'editable' one
+    carries the same weights and an RMSProp editor: enough for the app's mechanics (a learned editor,
+    two models), which is what these tests check."""
+    global _made
+    if all(path.is_file() for _, path in SHIPPED):
+        return SHIPPED
+    if _made is None:
+        folder = tmp_path_factory.mktemp("app-checkpoints")
+        card = {"arch": "resnet20", "editable_prefix": "layer3"}
+        base = save_checkpoint(folder / "baseline.safetensors", model, {**card, "objective": "baseline"})
+        editable = save_checkpoint(folder / "editable.safetensors", model, {**card, "objective": "editable"},
+                                   create_editor("rmsprop", lr=2e-3))
+        _made = (("baseline", base), ("editable", editable))
+    return _made
+
+
+def make_lab(tmp_path_factory, model) -> Lab:
+    return Lab.load(list(checkpoints(tmp_path_factory, model)), log=lambda *_: None)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(lab: Lab):
+    """The page served from this process on a free port: (demo, url); close with demo.close()."""
+    from app import launch as launch_app
+
+    return launch_app(lab, port=free_port(), block=False, quiet=True)

@@ -1,0 +1,68 @@
+"""A real browser (Debian's chromium via Playwright) drives the page: pick a misclassified image, choose
+its true label, apply, see the plot and the flip set, undo. Saves a screenshot (to $EDITLAB_SCREENSHOT
+as well when set, e.g. docs/screenshot.png)."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from app_support import launch, make_lab
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+TIMEOUT_MS = 90_000  # generous: the test machine's cores are shared
+
+pytestmark = [pytest.mark.browser, pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning"),
+              pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium")]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, resnet20):
+    demo, url = launch(make_lab(tmp_path_factory, resnet20))
+    yield url
+    demo.close()
+
+
+def test_fix_a_misclassified_image_in_the_browser(served, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 1000})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(served)
+            thumbnails = page.locator("#browse-gallery .thumbnail-item")
+            thumbnails.first.wait_for()
+            info = page.locator("#selected-info")
+            sync_api.expect(info).to_contain_text("misclassified")
+            first_info = info.inner_text()
+            thumbnails.nth(1).click()  # the gallery shows misclassified images only, by default
+            sync_api.expect(info).not_to_have_text(first_info)
+            sync_api.expect(info).to_contain_text("misclassified")
+            true_label = re.search(r"true label:\s*(\w+)", info.inner_text()).group(1)
+
+            page.locator("#target input").click()
+            page.get_by_role("option", name=true_label, exact=True).click()
+            sync_api.expect(page.locator("#target input")).to_have_value(true_label)
+            page.locator("#max-steps input").fill("50")
+            page.locator("#apply").click()
+
+            status = page.locator("#status")
+            sync_api.expect(status).to_contain_text("Applied")
+            page.locator("#accuracy-plot img").wait_for()
+            page.locator("#fixed-gallery .thumbnail-item").first.wait_for()  # the edited image itself is held out
+            sync_api.expect(page.locator("#views figure")).to_have_count(16)
+            sync_api.expect(page.locator("#topk")).to_contain_text(true_label)
+            page.screenshot(path=str(tmp_path / "screenshot.png"), full_page=True)
+            if os.environ.get("EDITLAB_SCREENSHOT"):
+                page.screenshot(path=os.environ["EDITLAB_SCREENSHOT"], full_page=True)
+
+            page.locator("#undo").click()
+            sync_api.expect(status).to_contain_text("Undid edit 1")
+            sync_api.expect(info).to_contain_text("misclassified")
+        finally:
+            browser.close()

@@ -1,0 +1,83 @@
+"""The page's handlers called as plain Python (no server): outputs line up with the page, errors are
+messages, exports and replays round-trip."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import gradio as gr
+import pytest
+
+from app import Handlers
+from app_support import make_lab
+from editcore import CLASSES, load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def handlers(tmp_path_factory, resnet20):
+    return Handlers(make_lab(tmp_path_factory, resnet20))
+
+
+def request(name: str):
+    return SimpleNamespace(session_hash=name)
+
+
+def test_page_load_select_apply_undo(handlers):
+    r = request("h1")
+    model, lr, layers, image, target, report, status, topk, info, plot, views, fixed, broken, history, gallery, page = \
+        handlers.on_load(r)
+    ws = handlers.workspace(r)
+    assert model["value"] == "editable" and layers["value"] == "layer3" and lr["value"] > 0
+    assert image.shape == (256, 256, 3) and "misclassified" in info
+    assert len(gallery) == 24 and all("→" in caption for _, caption in gallery)  # misclassified only, by default
+    assert report["edits"] == 0 and history == [] and fixed == [] and broken == []
+    true_label = CLASSES[int(handlers.lab.sources["test"].labels[ws.selection.index])]
+    assert target["value"] == true_label
+
+    outputs = handlers.apply_edit(true_label, "editable", "rmsprop", None, 30, "layer3", 0, r)
+    report, status, topk_after = outputs[0], outputs[1], outputs[2]
+    assert report["success"] and report["applied"] and "Applied" in status
+    assert max(topk_after, key=topk_after.get) == true_label
+    assert len(outputs[8]) == 1 and outputs[8][0][0] == 1  # history table: one row, edit 1
+    assert "green" in outputs[5] and outputs[5].count("<figure>") == 16  # the augmented views panel
+    assert handlers.history(r)[0]["targets"] == [true_label]
+
+    undone = handlers.undo(r)
+    assert undone[0]["undone"]["edit"] == 1 and undone[0]["edits"] == 0
+    assert undone[2] == handlers._selection_outputs(ws)[2]  # top-k back to the unedited model's
+    assert handlers.history(r) == []
+
+
+def test_errors_become_page_messages(handlers, tmp_path):
+    r = request("h2")
+    handlers.on_load(r)
+    with pytest.raises(gr.Error, match="learning rate"):
+        handlers.apply_edit("cat", "editable", "rmsprop", -0.5, 10, "layer3", 0, r)
+    with pytest.raises(gr.Error, match="target must be one of"):
+        handlers.apply_edit("catt", "editable", "rmsprop", None, 10, "layer3", 0, r)
+    with pytest.raises(gr.Error, match="index must be between 0 and 999"):
+        handlers.select_image("test", 5000, r)
+    with pytest.raises(gr.Error, match="whole number"):
+        handlers.select_image("test", 2.5, r)
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"\x00" * 100)
+    with pytest.raises(gr.Error, match="model.safetensors is not a readable image"):
+        handlers.upload([str(bad)], r)
+    assert handlers.history(r) == [] and len(handlers.workspace(r).uploads) == 0
+
+
+def test_export_and_replay_round_trip(handlers):
+    r, other = request("h3"), request("h4")
+    handlers.on_load(r)
+    handlers.select_image("test", 0, r)
+    handlers.apply_edit("cat", "editable", "rmsprop", None, 30, "layer3", 0, r)
+    weights, card = handlers.export_weights(r)
+    assert load_checkpoint(weights).card["edits"][0]["targets"] == ["cat"] and Path(card).is_file()
+    log_path = handlers.export_log(r)
+    assert json.loads(Path(log_path).read_text())["edits"][0]["images"] == ["test:0"]
+    handlers.on_load(other)
+    outputs = handlers.replay_log(log_path, other)
+    assert outputs[0]["value"] == "editable" and outputs[1]["reproduced"] is True
+    timeless = lambda history: [{k: v for k, v in h.items() if k != "seconds"} for h in history]  # noqa: E731
+    assert timeless(handlers.history(other)) == timeless(handlers.history(r))

@@ -1,0 +1,280 @@
+"""The app's GUI-free core: edit sessions (apply, undo, reset, guardrail, export, replay), workspaces
+(browse, uploads, batch, isolation) and the method comparison, called directly as Python."""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from app_support import make_lab
+from editcore import (CLASSES, SOURCE_TEST, SOURCE_UPLOADS, BrowseQuery, EditSettings, ImageError, ImageRef,
+                      SettingsError, compare_fixes, decode_image, load_checkpoint, normalize, read_log)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory, resnet20):
+    return make_lab(tmp_path_factory, resnet20)
+
+
+_keys = iter(range(10**6))
+
+
+@pytest.fixture
+def ws(lab):
+    """A fresh workspace (its own edits) on the shared lab."""
+    return lab.registry.get(f"test-{next(_keys)}")
+
+
+def first_misclassified(ws, model="baseline"):
+    page = ws.browse(model, BrowseQuery(misclassified=True, sort="confidence-desc", page_size=5))
+    item = page.items[0]
+    ws.select(item.ref)
+    return item
+
+
+def test_apply_report_adds_up_and_matches_the_exported_model(ws, lab, tmp_path):
+    item = first_misclassified(ws)
+    session = ws.session("baseline")
+    base_accuracy = session.heldout_accuracy()
+    report = ws.apply("baseline", item.label, EditSettings(editor="rmsprop", lr=1e-3, max_steps=20))
+    d = report.to_dict()
+    assert d["success"] and d["applied"] and d["steps"] >= 1 and d["seconds"] >= 0
+    assert d["heldout_accuracy_before"] == d["heldout_accuracy_base"] == base_accuracy
+    n = d["n_heldout"]
+    assert n == len(lab.sources[SOURCE_TEST]) == 1000
+    # Accuracy moves by exactly (fixed - broken) / n; the edited image is in the held-out set and now right.
+    assert d["heldout_accuracy_after"] == pytest.approx(base_accuracy + (d["n_fixed"] - d["n_broken"]) / n, abs=1e-12)
+    assert item.ref.index in report.fixed_rows
+    assert d["n_fixed"] + d["n_broken"] <= d["n_changed"]
+    assert session.topk(item.image)[0][0] == CLASSES[item.label]
+    # The cached-feature evaluation agrees with the whole exported model run from scratch.
+    exported = load_checkpoint(session.export_weights(tmp_path / "edited.safetensors"))
+    test = lab.sources[SOURCE_TEST]
+    with torch.no_grad():
+        predictions = exported.model(normalize(test.images)).argmax(1)
+    assert int((predictions == test.labels).sum()) / n == d["heldout_accuracy_after"]
+    assert exported.card["edits"][0]["targets"] == [CLASSES[item.label]]
+
+
+def test_undo_restores_the_top_k_exactly_and_reset_clears(ws):
+    item = first_misclassified(ws)
+    session = ws.session("baseline")
+    original = session.topk(item.image)
+    for target in (item.label, (item.label + 1) % 10):
+        assert ws.apply("baseline", target, EditSettings(lr=1e-3, max_steps=30)).applied
+    assert session.topk(item.image) != original
+    assert session.undo().number == 2 and len(session.history) == 1
+    assert session.undo().number == 1 and session.params == {}
+    assert session.topk(item.image) == original
+    assert session.undo() is None
+    ws.apply("baseline", item.label, EditSettings(lr=1e-3, max_steps=30))
+    assert session.reset() == 1 and session.history == [] and session.topk(item.image) == original
+    assert session.accuracy_curve() == [session.heldout_accuracy()]
+
+
+def test_an_edit_that_does_not_converge_is_rolled_back(ws):
+    item = first_misclassified(ws)
+    session = ws.session("baseline")
+    report = ws.apply("baseline", item.label, EditSettings(editor="gd", lr=1e-9, max_steps=2))
+    assert not report.success and not report.applied and "did not reach" in report.message
+    assert session.history == [] and session.params == {}
+
+
+def test_guardrail_rolls_back_an_edit_that_costs_too_much(ws):
+    item = first_misclassified(ws)
+    session = ws.session("baseline")
+    # A large RMSProp step on layer3 of a weak model: it reaches the target and breaks many others.
+    report = ws.apply("baseline", item.label, EditSettings(editor="rmsprop", lr=0.05, max_steps=20, max_drop=0.5))
+    drop = 100 * (report.heldout_accuracy_before - report.heldout_accuracy_after)
+    assert report.success and drop > 0.5
+    assert not report.applied and "Guardrail" in report.message and session.history == []
+    kept = ws.apply("baseline", item.label, EditSettings(editor="rmsprop", lr=0.05, max_steps=20, max_drop=100))
+    assert kept.applied and len(session.history) == 1
+
+
+@pytest.mark.parametrize("settings, message", [
+    (EditSettings(lr=-1), "learning rate"),
+    (EditSettings(lr=0), "learning rate"),
+    (EditSettings(lr="abc"), "learning rate must be a number"),
+    (EditSettings(lr=float("nan")), "finite"),
+    (EditSettings(max_steps=0), "max steps"),
+    (EditSettings(max_steps=2.5), "whole number"),
+    (EditSettings(max_steps="ten"), "max steps must be a number"),
+    (EditSettings(editor="sgd"), "editor must be one of"),
+    (EditSettings(layers="stem"), "editable layers"),
+    (EditSettings(max_drop=150), "guardrail"),
+])
+def test_bad_settings_are_refused_and_change_nothing(ws, settings, message):
+    item = first_misclassified(ws)
+    session = ws.session("baseline")
+    before = session.topk(item.image)
+    with pytest.raises(SettingsError, match=message):
+        ws.apply("baseline", item.label, settings)
+    assert session.history == [] and session.params == {} and session.topk(item.image) == before
+
+
+def test_layers_are_fixed_while_a_session_has_edits(ws):
+    item = first_misclassified(ws)
+    assert ws.apply("baseline", item.label, EditSettings(lr=1e-3, max_steps=30, layers="layer3")).applied
+    with pytest.raises(SettingsError, match="reset before"):
+        ws.apply("baseline", item.label, EditSettings(layers="head"))
+    ws.session("baseline").reset()
+    report = ws.apply("baseline", item.label, EditSettings(editor="rmsprop", lr=1e-2, max_steps=50, layers="head"))
+    assert report.applied and set(ws.session("baseline").params) == {"head.fc.weight", "head.fc.bias"}
+
+
+def test_edit_log_replays_to_the_same_model(ws, lab):
+    session = ws.session("editable")
+    page = ws.browse("editable", BrowseQuery(misclassified=True, page_size=3))
+    for item in page.items[:2]:
+        ws.select(item.ref)
+        assert ws.apply("editable", item.label, EditSettings(max_steps=30)).applied
+    text = json.dumps(session.log())
+    other = lab.registry.get("replayer").session("editable")
+    reports = other.replay(read_log(text))
+    assert [r.heldout_accuracy_after for r in reports] == [e.heldout_accuracy_after for e in session.history]
+    assert all(torch.equal(other.params[k], session.params[k]) for k in session.params)
+    assert [e.refs for e in other.history] == [e.refs for e in session.history]
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda log: log.update(format="something-else"), "not an EditLab edit log"),
+    (lambda log: log.update(version=99), "version"),
+    (lambda log: log["checkpoint"].update(arch="vgg8"), "vgg8"),
+    (lambda log: log["edits"][0].update(pixels=["AAAA"]), "bytes"),
+    (lambda log: log["edits"][0]["settings"].update(lr=-3), "learning rate"),
+    (lambda log: log["edits"][0].pop("target_indices"), "malformed"),
+])
+def test_a_bad_edit_log_is_refused_and_changes_nothing(ws, mutate, message):
+    item = first_misclassified(ws, "editable")
+    session = ws.session("editable")
+    assert ws.apply("editable", item.label, EditSettings(max_steps=30)).applied
+    log = json.loads(json.dumps(session.log()))
+    mutate(log)
+    params = dict(session.params)
+    with pytest.raises(SettingsError, match=message):
+        session.replay(log)
+    assert len(session.history) == 1 and all(torch.equal(params[k], session.params[k]) for k in params)
+
+
+def test_read_log_refuses_non_json():
+    with pytest.raises(SettingsError, match="not valid JSON"):
+        read_log(b"\x80not json")
+
+
+def test_browse_filters_sort_and_pages(ws, lab):
+    probs = ws.probabilities("baseline", SOURCE_TEST)
+    labels = lab.sources[SOURCE_TEST].labels
+    confidence, predicted = probs.max(1)
+    page = ws.browse("baseline", BrowseQuery(misclassified=True, label=3, min_confidence=0.2, max_confidence=0.9,
+                                             sort="confidence-desc", page_size=7))
+    expected = int(((predicted != labels) & (labels == 3) & (confidence >= 0.2) & (confidence <= 0.9)).sum())
+    assert page.total == expected > 0
+    values = [item.confidence for item in page.items]
+    assert values == sorted(values, reverse=True)
+    assert all(item.label == 3 != item.predicted and 0.2 <= item.confidence <= 0.9 for item in page.items)
+    last = ws.browse("baseline", BrowseQuery(page=10**6, page_size=7))
+    assert last.page == last.n_pages == -(-1000 // 7) and len(last.items) == 1000 - 7 * (last.n_pages - 1)
+    by_loss = ws.browse("baseline", BrowseQuery(sort="loss-desc", page_size=2)).items
+    losses = [-np.log(probs[i.ref.index, i.label].item()) for i in by_loss]
+    assert losses[0] >= losses[1] and losses[0] >= float(-torch.log(probs[torch.arange(1000), labels]).max()) - 1e-6
+    assert ws.page_refs == [i.ref for i in by_loss]
+    with pytest.raises(SettingsError, match="sort"):
+        ws.browse("baseline", BrowseQuery(sort="random"))
+
+
+def _image_file(tmp_path, name, mode, size, fmt):
+    image = Image.new(mode, size)
+    image.putdata([(i * 7) % 256 if mode in ("L", "P") else tuple((i * k) % 256 for k in range(1, len(mode) + 1))
+                   for i in range(size[0] * size[1])])
+    path = tmp_path / name
+    image.save(path, format=fmt)
+    return path
+
+
+def test_uploads_of_any_size_and_mode_become_32x32_rgb(ws, tmp_path):
+    paths = [_image_file(tmp_path, "gray.png", "L", (50, 40), "PNG"),
+             _image_file(tmp_path, "alpha.png", "RGBA", (31, 77), "PNG"),
+             _image_file(tmp_path, "big.jpg", "RGB", (2400, 1600), "JPEG"),
+             _image_file(tmp_path, "palette.gif", "P", (20, 20), "GIF")]
+    for path in paths:
+        image = decode_image(path)
+        assert image.shape == (3, 32, 32) and image.dtype == torch.uint8
+    refs = ws.add_uploads(paths)
+    assert refs == [ImageRef(SOURCE_UPLOADS, i) for i in range(4)]
+    page = ws.browse("baseline", BrowseQuery(source=SOURCE_UPLOADS))
+    assert page.total == 4 and all(item.label == -1 for item in page.items)
+    ws.select(refs[1])
+    assert ws.apply("baseline", 5, EditSettings(lr=1e-3, max_steps=50)).refs == [refs[1]]
+
+
+def test_a_bad_upload_is_refused_with_its_name_and_adds_nothing(ws, tmp_path):
+    good = _image_file(tmp_path, "good.png", "RGB", (32, 32), "PNG")
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(buffer, format="PNG")
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(buffer.getvalue()[:60])
+    for bad in (text, truncated):
+        with pytest.raises(ImageError, match=bad.name):
+            ws.add_uploads([good, bad])
+        assert len(ws.uploads) == 0
+    with pytest.raises(ImageError):
+        ws.add_uploads([])
+
+
+def test_batch_edit_fixes_every_image_at_once(ws):
+    page = ws.browse("baseline", BrowseQuery(misclassified=True, page_size=3))
+    for item in page.items[:3]:
+        ws.select(item.ref)
+        ws.add_to_batch(item.label)
+    ws.add_to_batch(page.items[2].label)  # adding the same image again replaces it
+    assert len(ws.batch) == 3
+    report = ws.apply_batch("baseline", EditSettings(lr=1e-3, max_steps=60))
+    assert report.applied and report.targets == [i.label for i in page.items[:3]] and ws.batch == []
+    session = ws.session("baseline")
+    assert [session.topk(i.image)[0][0] for i in page.items[:3]] == [CLASSES[i.label] for i in page.items[:3]]
+    with pytest.raises(SettingsError, match="empty"):
+        ws.apply_batch("baseline", EditSettings())
+
+
+def test_workspaces_are_isolated_and_dropped(lab):
+    a, b = lab.registry.get("iso-a"), lab.registry.get("iso-b")
+    item = first_misclassified(a)
+    b.select(item.ref)
+    before = b.session("baseline").topk(item.image)
+    assert a.apply("baseline", item.label, EditSettings(lr=1e-3, max_steps=30)).applied
+    assert b.session("baseline").topk(item.image) == before and b.session("baseline").history == []
+    lab.registry.drop("iso-a")
+    assert lab.registry.get("iso-a") is not a and lab.registry.get("iso-a").sessions == {}
+
+
+def test_registry_evicts_the_oldest_beyond_its_cap(lab):
+    from editcore.workspace import WorkspaceRegistry
+
+    registry = WorkspaceRegistry(lab, max_workspaces=2)
+    first = registry.get("1")
+    registry.get("2")
+    registry.get("1")  # touching it makes "2" the oldest
+    registry.get("3")
+    assert len(registry) == 2 and registry.get("1") is first
+
+
+def test_compare_runs_every_method_from_the_unedited_models(ws, lab):
+    item = first_misclassified(ws)
+    views, outcomes = compare_fixes(lab.models, item.image, item.label, "rmsprop", 20, replay=None, finetune_steps=20)
+    titles = [o.title for o in outcomes]
+    assert titles == ["Lookup table, exact match", "Lookup table, nearest neighbour", "Fine-tuning",
+                      "Editor on the baseline model", "Editor on the editable model"]
+    assert len(views) == 16 and all(len(o.views_after) == 16 for o in outcomes)
+    exact = outcomes[0]
+    # The lookup table changes no weights: only the stored image itself (it is in the held-out set) changes.
+    assert exact.success and exact.n_broken == 0 and exact.n_fixed == 1
+    assert exact.accuracy_after - exact.accuracy_before == pytest.approx(1 / 1000)
+    assert all(o.accuracy_before == outcomes[0].accuracy_before for o in outcomes[:4])
+    assert ws.session("baseline").history == []  # comparing is not editing
