@@ -10,5 +10,9 @@ from .fixers import (FIXERS, EditorFixer, FinetuneFixer, Fixer, LookupFixer, Loo
 from .metrics import EditRecord, HeldOutEvaluator, draw_edits, evaluate_edits, summarize
 from .models import DEFAULT_ARCH, MODELS, create_model, default_editable_prefix, editable_names
 from .training import TrainConfig, accuracy, train
+from .session import EditEntry, EditReport, EditSession, EditSettings, ImageRef, SettingsError, SharedModel, read_log, view_names
+from .compare import MethodOutcome, compare_fixes
+from .workspace import (SORTS, SOURCE_NAE, SOURCE_TEST, SOURCE_UPLOADS, BrowseItem, BrowsePage, BrowseQuery, ImageError, Lab,
+                        Workspace, decode_image)
 
 __all__ = [name for name in dir() if not name.startswith("_")]
