@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from torch import nn
 
 from editcore import ImageSet, load_checkpoint, save_checkpoint
 from editcore.cli import main
-from editcore.data import MEAN, STD
+from editcore.data import MEAN, STD, load_cifar10
 from editcore.models import create_model
 from editcore.nae import (HELDOUT, NAE_POOL, build_nae_set, heldout_part, load_nae, pool_part, rank_distribution,
                           rank_histogram, save_nae, true_label_ranks)
@@ -267,3 +268,40 @@ def test_imagenet_a_edits_cli_never_downloads_weights(tmp_path, monkeypatch, cap
     code = main(["imagenet-a-edits", "--imagenet-a", str(imagenet_a_folder), "--heldout", str(imagenet_a_folder),
                  "--torchvision-model", "resnet18", "--device", "cpu"])
     assert code == 2 and "not in torch's cache" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_build_nae_end_to_end_on_a_synthetic_data_root(tmp_path, capsys, monkeypatch):
+    """The whole command on a fake CIFAR-10 test batch (random pixels, untrained models), cut to 5120
+    images so the pool (test 5000-5119) is small."""
+    import pickle
+
+    from editcore.nae import filter_predictions
+
+    gen = np.random.default_rng(0)
+    batch_dir = tmp_path / "cifar10" / "cifar-10-batches-py"
+    batch_dir.mkdir(parents=True)
+    labels = gen.integers(0, 10, 5120).tolist()
+    with (batch_dir / "test_batch").open("wb") as fh:  # the python layout the loader reads
+        pickle.dump({"data": gen.integers(0, 256, (5120, 3072), dtype=np.uint8), "labels": labels}, fh)
+    filters = [str(small_checkpoint(tmp_path / f"f{i}.safetensors", arch, i))
+               for i, arch in enumerate(["resnet20", "resnet32", "resnet20"])]
+    reference = str(small_checkpoint(tmp_path / "ref.safetensors", "resnet20", 7))
+    out = tmp_path / "nae.npz"
+    argv = ["build-nae", "--filters", *filters, "--reference", reference, "--out", str(out),
+            "--data-root", str(tmp_path / "cifar10"), "--device", "cpu"]
+    monkeypatch.setattr(sys, "argv", ["editcore", *argv])  # the card records the command line
+    assert main(argv) == 0
+    assert "NAE" in capsys.readouterr().out
+    nae, card = load_nae(out), json.loads(out.with_suffix(".json").read_text())
+    pool = pool_part(load_cifar10("test", tmp_path / "cifar10"))
+    models = [load_checkpoint(path).model for path in filters]
+    wrong_everywhere = (filter_predictions(models, pool, "cpu") != pool.labels).all(0)
+    assert nae.indices.tolist() == pool.indices[wrong_everywhere].tolist()
+    assert bool((nae.indices >= 5000).all()) and nae.labels.tolist() == [labels[i] for i in nae.indices.tolist()]
+    assert card["n_pool"] == 120 and card["n_images"] == len(nae) and sum(card["per_class"]) == len(nae)
+    assert card["split"]["heldout_test_indices"] == [0, 5000] and card["command"] == "python -m editcore " + " ".join(argv)
+    assert [f["arch"] for f in card["filter_models"]] == ["resnet20", "resnet32", "resnet20"]
+    (ref,) = card["reference_models"]
+    assert sum(ref["true_label_rank_histogram"]) == len(nae)
+    assert ref["nae_accuracy"] == pytest.approx(ref["true_label_rank_histogram"][0] / len(nae))
