@@ -69,7 +69,7 @@ def cmd_train(args) -> int:
         weight_decay=args.weight_decay, seed=args.seed, editable=args.editable, editable_prefix=args.editable_prefix,
         editor=args.editor, editor_lr=args.editor_lr, learnable_editor=not args.fixed_editor, max_steps=args.max_steps,
         c_edit=args.c_edit, c_loc=args.c_loc, order="first" if args.first_order else "second",
-        warmup_epochs=args.warmup_epochs,
+        warmup_epochs=args.warmup_epochs, time_budget_s=args.time_budget_s,
     )
     init_model = init_editor = None
     if args.init:
@@ -95,7 +95,7 @@ def cmd_train(args) -> int:
         "command": "python -m editcore " + shlex.join(sys.argv[1:]),
         "init": args.init or None,
         "seed": args.seed,
-        "epochs": args.epochs,
+        "epochs": summary["config"]["epochs"],
         "test_accuracy": accuracy(model, test.images, test.labels),
         "wall_seconds": summary["wall_seconds"],
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),

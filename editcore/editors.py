@@ -48,8 +48,8 @@ class Editor(nn.Module):
         return torch.sigmoid(getattr(self, f"logit_{name}"))
 
     def hyperparameters(self) -> dict[str, float]:
-        values = {"lr": float(self.lr)}
-        values.update({name: float(self.beta(name)) for name in self.beta_names})
+        values = {"lr": float(self.lr.detach())}
+        values.update({name: float(self.beta(name).detach()) for name in self.beta_names})
         return values
 
     def init_state(self, params: Params) -> dict:

@@ -138,6 +138,7 @@ def train(
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     device = torch.device(device)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: let cuDNN pick the fastest kernels
     model = init_model if init_model is not None else create_model(config.arch)
     model = model.to(device)
     if config.channels_last:

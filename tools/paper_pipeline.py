@@ -38,6 +38,7 @@ class Job:
     priority: int = 50  # lower runs first
     min_seconds: float = 20  # don't start it unless this much time is left
     json_out: bool = False
+    output: str = ""  # with --resume, a job whose output exists counts as done
     state: str = "waiting"
     started: float = 0.0
     ended: float = 0.0
@@ -46,10 +47,11 @@ class Job:
 
 def scale_settings(scale: str) -> dict:
     if scale == "full":
-        return dict(base_epochs=40, base_budget=170, filter_epochs=30, filter_budget=150, ed_epochs=10, ed_budget=170,
-                    mr_budget=150, n_edits=1000, n_tune=100, n_finetune=300, rn18=True, subset=[], parallel=12)
+        return dict(base_epochs=40, base_budget=190, filter_epochs=30, filter_budget=150, ed_epochs=10, ed_budget=170,
+                    mr_budget=150, n_edits=1000, n_tune=100, n_finetune=300, rn18=True, subset=[], parallel=12, grid=9, heldout=[])
     return dict(base_epochs=1, base_budget=0, filter_epochs=1, filter_budget=0, ed_epochs=1, ed_budget=0, mr_budget=0,
-                n_edits=6, n_tune=4, n_finetune=3, rn18=False, subset=["--train-subset", "1024"], parallel=2)
+                n_edits=6, n_tune=4, n_finetune=3, rn18=False, subset=["--train-subset", "1024"], parallel=3, grid=1,
+                heldout=["--heldout-size", "300"])
 
 
 def build_jobs(work: Path, s: dict, device: str) -> tuple[dict[str, Job], dict]:
@@ -66,13 +68,14 @@ def build_jobs(work: Path, s: dict, device: str) -> tuple[dict[str, Job], dict]:
     def train(name, arch, epochs, budget, extra=(), deps=(), priority=50, seed=0):
         add(Job(f"train-{name}", py + ["train", "--arch", arch, "--epochs", str(epochs), "--seed", str(seed),
                                        "--time-budget-s", str(budget), "--out", ck(name), *s["subset"], *dev, *extra],
-                deps, priority, min_seconds=max(30, budget * 0.6)))
+                deps, priority, min_seconds=max(30, budget * 0.6), output=ck(name)))
 
     # 1. baseline (the shipped default), filter models for NAE, paper-scale ResNet-18
-    train("resnet20_baseline", "resnet20", s["base_epochs"], s["base_budget"], priority=0)
+    wide = ["--batch-size", "256"]  # lr scales with it (0.2); halves the launch-bound step count on a GPU
+    train("resnet20_baseline", "resnet20", s["base_epochs"], s["base_budget"], wide, priority=0)
     filters = [("filter_resnet32_s11", "resnet32", 11), ("filter_vgg8_s12", "vgg8", 12), ("filter_resnet20_s13", "resnet20", 13)]
     for name, arch, seed in filters:
-        train(name, arch, s["filter_epochs"], s["filter_budget"], priority=5, seed=seed)
+        train(name, arch, s["filter_epochs"], s["filter_budget"], wide, priority=5, seed=seed)
     # 2. editable training, fine-tuned from the baseline (paper settings; variants say what else we tried)
     finetune = ["--editable", "--init", ck("resnet20_baseline"), "--lr", "1e-4", "--weight-decay", "0", "--warmup-epochs", "0.2"]
     base_dep = ("train-resnet20_baseline",)
@@ -83,32 +86,32 @@ def build_jobs(work: Path, s: dict, device: str) -> tuple[dict[str, Job], dict]:
           base_dep, priority=31)
     # 3. CIFAR-10-NAE, then match-ranks editable training
     add(Job("build-nae", py + ["build-nae", "--filters", *[ck(f[0]) for f in filters], "--reference", ck("resnet20_baseline"),
-                               "--out", nae, *dev], tuple(f"train-{f[0]}" for f in filters) + base_dep, priority=2))
+                               "--out", nae, *dev], tuple(f"train-{f[0]}" for f in filters) + base_dep, priority=2, output=nae))
     train("resnet20_matchranks", "resnet20", s["ed_epochs"], s["mr_budget"],
           finetune + ["--edit-targets", "match-ranks", "--nae", nae], base_dep + ("build-nae",), priority=3)
 
     def evaluate(name, model, extra, deps=(), priority=50, n=None, min_seconds=25):
-        add(Job(name, lambda: py + ["evaluate-edits", "--checkpoint", ck(model), "--json", *dev,
+        add(Job(name, lambda: py + ["evaluate-edits", "--checkpoint", ck(model), "--json", *dev, *s["heldout"],
                                    *(extra() if callable(extra) else extra)],
-                deps + (f"train-{model}",), priority, min_seconds, json_out=True))
+                deps + (f"train-{model}",), priority, min_seconds, json_out=True, output=str(work / "evals" / f"{name}.json")))
 
     # 4. editor learning rates: the smallest grid value with >= 99% success on tuning edits (another seed)
     for editor in EDITORS:
-        for lr in LR_GRID[editor]:
+        for lr in LR_GRID[editor][: s["grid"]]:
             evaluate(f"tune-{editor}-{lr:g}", "resnet20_baseline",
                      ["--editor", editor, "--lr", str(lr), "--n-edits", str(s["n_tune"]), "--seed", str(TUNE_SEED)], priority=10)
 
     def tuned(editor):
         def lr():
             if editor not in chosen["lr"]:
-                runs = [(g, read_json(work / "evals" / f"tune-{editor}-{g:g}.json")) for g in LR_GRID[editor]]
+                runs = [(g, read_json(work / "evals" / f"tune-{editor}-{g:g}.json")) for g in LR_GRID[editor][: s["grid"]]]
                 runs = [(g, r) for g, r in runs if r]
                 ok = [g for g, r in runs if r["success_rate"] >= 0.99]
                 chosen["lr"][editor] = min(ok) if ok else max(runs, key=lambda gr: gr[1]["success_rate"])[0]
             return chosen["lr"][editor]
         return lr
 
-    tune_deps = lambda editor: tuple(f"tune-{editor}-{g:g}" for g in LR_GRID[editor])  # noqa: E731
+    tune_deps = lambda editor: tuple(f"tune-{editor}-{g:g}" for g in LR_GRID[editor][: s["grid"]])  # noqa: E731
     n = ["--n-edits", str(s["n_edits"]), "--seed", str(EVAL_SEED)]
     for editor in EDITORS:
         args = lambda e=editor: ["--editor", e, "--lr", str(tuned(e)())] + n  # noqa: E731
@@ -133,7 +136,7 @@ def build_jobs(work: Path, s: dict, device: str) -> tuple[dict[str, Job], dict]:
                  priority=26, min_seconds=60)
     # 7. the paper's own CIFAR model, when a GPU makes it affordable
     if s["rn18"]:
-        train("resnet18_baseline", "resnet18", 30, 200, priority=8)
+        train("resnet18_baseline", "resnet18", 30, 200, wide, priority=8)
         train("resnet18_editable", "resnet18", 5, 140,
               ["--editable", "--init", ck("resnet18_baseline"), "--lr", "1e-4", "--weight-decay", "0", "--warmup-epochs", "0.2"],
               ("train-resnet18_baseline",), priority=9)
@@ -163,10 +166,14 @@ def pack(work: Path, out: Path | None) -> None:
     tmp.replace(out / "results.tar")
 
 
-def run(jobs: dict[str, Job], chosen: dict, work: Path, out: Path | None, deadline: float, parallel: int) -> None:
+def run(jobs: dict[str, Job], chosen: dict, work: Path, out: Path | None, deadline: float, parallel: int,
+        resume: bool = False) -> None:
     t0 = time.time()
     for sub in ("ckpt", "evals", "logs", "nae"):
         (work / sub).mkdir(parents=True, exist_ok=True)
+    for job in jobs.values():
+        if resume and job.output and Path(job.output).exists():
+            job.state = "done"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
     def status():
@@ -222,6 +229,7 @@ def main():
     ap.add_argument("--out", default=None, help="folder for results.tar (refreshed after every job)")
     ap.add_argument("--deadline-s", type=float, default=3600)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--resume", action="store_true", help="count jobs whose output already exists as done")
     ap.add_argument("--only", default="", help="comma list of job-name prefixes to keep (with their dependencies)")
     args = ap.parse_args()
     s = scale_settings(args.scale)
@@ -235,7 +243,7 @@ def main():
                 break
             keep |= more
         jobs = {n: j for n, j in jobs.items() if n in keep}
-    run(jobs, chosen, work, Path(args.out) if args.out else None, args.deadline_s, s["parallel"])
+    run(jobs, chosen, work, Path(args.out) if args.out else None, args.deadline_s, s["parallel"], args.resume)
 
 
 if __name__ == "__main__":
