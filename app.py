@@ -25,16 +25,11 @@ def checkpoint_names(values: list[str] | None) -> list[tuple[str, Path]]:
         name, _, path = item.rpartition("=") if "=" in item else ("", "", item)
         path = Path(path).expanduser()
         if not name:
-            if path.is_file():
-                try:
-                    name = read_card(path).get("objective", "")
-                except ValueError as exc:
-                    raise SystemExit(f"error: {exc}") from None
-            name = name or path.stem
+            name = (read_card(path).get("objective") if path.is_file() else None) or path.stem
         if name in dict(named):
             name = f"{name}-{path.stem}"
         if explicit and not path.is_file():
-            raise SystemExit(f"error: checkpoint {path} does not exist")
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
         named.append((name, path))
     return named
 
@@ -60,9 +55,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    checkpoints = checkpoint_names(args.checkpoint)
     say = lambda *parts: print(*parts, file=sys.stderr, flush=True)  # noqa: E731
     try:
+        checkpoints = checkpoint_names(args.checkpoint)
         lab = Lab.load(checkpoints, data_root=args.data_root, device=args.device, nae_path=args.nae, log=say)
     except (FileNotFoundError, DataError, ValueError) as exc:
         say(f"error: {exc}")

@@ -115,14 +115,15 @@ def views_placeholder(text: str) -> str:
 
 def status_markdown(report: EditReport) -> str:
     d = report.to_dict()
-    verdict = "Applied" if report.applied else "Rolled back"
     change = 100 * (d["heldout_accuracy_after"] - d["heldout_accuracy_before"])
-    return (f"**{verdict}.** {d['message']}  \n"
-            f"{'Reached' if d['success'] else 'Did not reach'} the target in {d['steps']} step(s), "
-            f"{d['seconds']:.2f} s ({d['editor']}, lr {d['lr']:.3g}, layers {d['layers']}). "
-            f"Held-out accuracy {100 * d['heldout_accuracy_before']:.2f}% → {100 * d['heldout_accuracy_after']:.2f}% "
-            f"({change:+.2f} points): **{d['n_fixed']} fixed**, **{d['n_broken']} broken**, "
-            f"{d['n_changed']} changed prediction of {d['n_heldout']:,}.")
+    headline = f"**Applied:** {d['message']}" if report.applied else f"**Rolled back:** {d['message']}"
+    effect = "" if report.applied else " (would have been)"
+    return (f"{headline}  \n"
+            f"{'Reached' if d['success'] else 'Did not reach'} *{', '.join(d['targets'])}* in {d['steps']} step(s), "
+            f"{d['seconds']:.2f} s ({d['editor']}, lr {d['lr']:.3g}, {d['layers']}). "
+            f"Held-out accuracy{effect} {100 * d['heldout_accuracy_before']:.2f}% → "
+            f"{100 * d['heldout_accuracy_after']:.2f}% ({change:+.2f} points): **{d['n_fixed']} fixed**, "
+            f"**{d['n_broken']} broken**, {d['n_changed']} of {d['n_heldout']:,} changed their prediction.")
 
 
 HISTORY_HEADERS = ["#", "images", "target", "editor", "lr", "steps", "seconds", "accuracy before", "accuracy after",
@@ -143,9 +144,9 @@ CSS = """
 #browse-gallery img, #fixed-gallery img, #broken-gallery img, #selected-image img, .views img { image-rendering: pixelated; }
 .intro { font-size: 1.02em; }
 .views p { margin: 0 0 6px 0; }
-.view-grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(84px, 1fr)); gap: 6px; }
+.view-grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(78px, 1fr)); gap: 6px; }
 .view-grid figure { margin: 0; text-align: center; font-size: 0.78em; line-height: 1.35; }
-.view-grid img { width: 64px; height: 64px; border-radius: 3px; }
+.view-grid img { display: inline-block; width: 56px; height: 56px; border-radius: 3px; }
 .view-name { color: var(--body-text-color-subdued); }
 .chip { display: inline-block; padding: 0 5px; border-radius: 8px; color: white; font-size: 0.95em; }
 .chip.hit { background: #16a34a; }
@@ -154,7 +155,8 @@ CSS = """
 #browse-gallery .caption-label, #fixed-gallery .caption-label, #broken-gallery .caption-label { font-size: 0.8em; }
 table.compare { width: 100%; border-collapse: collapse; font-size: 0.9em; }
 table.compare th, table.compare td { border: 1px solid var(--border-color-primary); padding: 4px 6px; vertical-align: top; }
-table.compare img { width: 40px; height: 40px; image-rendering: pixelated; }
+table.compare .strip { display: flex; flex-wrap: wrap; gap: 3px; margin-top: 4px; max-width: 420px; }
+table.compare img { display: inline-block; width: 38px; height: 38px; image-rendering: pixelated; box-sizing: content-box; }
 """
 
 
@@ -189,7 +191,7 @@ def compare_html(views: torch.Tensor, names: list[str], outcomes, target: int) -
             f"<td>{'✓ yes' if o.success else '✗ no'}</td><td>{o.steps}</td><td>{_seconds(o.seconds)}</td>"
             f"<td>{100 * o.accuracy_before:.2f}% → {100 * o.accuracy_after:.2f}%<br><b>{change:+.2f} points</b></td>"
             f"<td>{o.n_fixed} / {o.n_broken}</td>"
-            f"<td><b>{hits}/{len(names)}</b> at the target (before: {hits_before})<br>{strip}</td></tr>")
+            f"<td><b>{hits}/{len(names)}</b> at the target (before: {hits_before})<div class='strip'>{strip}</div></td></tr>")
     return (f"<p>{COMPARE_INTRO}</p><table class='compare'><tr><th>Method</th><th>Image fixed?</th><th>Steps</th>"
             f"<th>Time</th><th>Held-out accuracy</th><th>Fixed / broken</th>"
             f"<th>Augmented views predicted as <b>{html.escape(CLASSES[target])}</b> (green) after the fix</th></tr>"

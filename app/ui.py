@@ -45,6 +45,11 @@ def user_errors(fn):
     return wrapper
 
 
+def _suggested_lr(shared, editor: str) -> float:
+    """The model's suggested rate, to 4 significant digits so the field reads well."""
+    return float(f"{shared.suggested_lr(editor):.4g}")
+
+
 def _session_key(request) -> str:
     return getattr(request, "session_hash", None) or "default"
 
@@ -76,7 +81,7 @@ class Handlers:
         predicted = CLASSES.index(topk[0][0])
         target = CLASSES[label] if label >= 0 else CLASSES[predicted]
         info = render.selection_info(self.lab.short_source_label(ref.source), ref.index, label, topk)
-        return render.upscale(image, render.LARGE_SCALE), info, dict(topk), gr.update(value=target)
+        return render.upscale(image, render.LARGE_SCALE), info, dict(topk), target
 
     def _flip_outputs(self, before, after, fixed, broken):
         heldout = self.lab.sources[SOURCE_TEST].images
@@ -121,7 +126,7 @@ class Handlers:
         shared = self.lab.models[ws.model]
         image, _, _, target = self._selection_outputs(ws)
         state = self._state_outputs(ws, "No edits yet: pick an image, choose its correct label and press **Apply edit**.")
-        return (gr.update(value=ws.model), gr.update(value=shared.suggested_lr("rmsprop")),
+        return (gr.update(value=ws.model), gr.update(value=_suggested_lr(shared, "rmsprop")),
                 gr.update(choices=list(shared.layer_choices), value=shared.default_layers), image, target, *state)
 
     def unload(self, request: gr.Request):
@@ -168,14 +173,14 @@ class Handlers:
         ws.model = model
         shared = self.lab.models[model]
         session = ws.session(model)
-        return (gr.update(value=shared.suggested_lr("rmsprop")), gr.update(value="rmsprop"),
+        return (gr.update(value=_suggested_lr(shared, "rmsprop")), gr.update(value="rmsprop"),
                 gr.update(choices=list(shared.layer_choices), value=session.layers),
                 *self._state_outputs(ws, f"Showing the {model} model ({len(session.history)} edit(s) in this session)."))
 
     def suggest_lr(self, model: str, editor: str):
         if model not in self.lab.models or editor not in EDITORS:
             return gr.update()
-        return gr.update(value=self.lab.models[model].suggested_lr(editor))
+        return gr.update(value=_suggested_lr(self.lab.models[model], editor))
 
     @user_errors
     def apply_edit(self, target: str, model: str, editor: str, lr: float, max_steps: float, layers: str,
@@ -279,14 +284,14 @@ class Handlers:
         ws = self.workspace(request)
         session = ws.session(ws.model)
         path = session.export_weights(self._export_path(request, f"editlab-{ws.model}-{len(session.history)}edits.safetensors"))
-        return [str(path), str(path.with_suffix(".json"))]
+        return gr.update(value=[str(path), str(path.with_suffix(".json"))], visible=True)
 
     @user_errors
     def export_log(self, request: gr.Request):
         ws = self.workspace(request)
         path = self._export_path(request, f"editlab-{ws.model}-edit-log.json")
         path.write_text(json.dumps(ws.session(ws.model).log(), indent=1) + "\n")
-        return str(path)
+        return gr.update(value=[str(path)], visible=True)
 
     @user_errors
     def replay_log(self, file, request: gr.Request):
@@ -345,12 +350,13 @@ def build_demo(lab: Lab) -> gr.Blocks:
                     prev_page = gr.Button("← Previous page", size="sm")
                     page_info = gr.Markdown(elem_id="page-info")
                     next_page = gr.Button("Next page →", size="sm")
-                with gr.Row(equal_height=True):
+                with gr.Row(equal_height=False):
                     jump_index = gr.Number(label="Image index", precision=0, value=0, elem_id="jump-index",
                                            min_width=100, scale=1)
-                    jump = gr.Button("Open image", size="md", scale=1)
-                    upload = gr.UploadButton("Upload your own images", file_count="multiple", file_types=["image"],
-                                             size="md", elem_id="upload", scale=2)
+                    with gr.Column(scale=2):
+                        jump = gr.Button("Open image by index", size="sm")
+                        upload = gr.UploadButton("Upload your own images", file_count="multiple",
+                                                 file_types=["image"], size="sm", elem_id="upload")
                 upload_info = gr.Markdown()
 
             with gr.Column(scale=4):
@@ -366,7 +372,7 @@ def build_demo(lab: Lab) -> gr.Blocks:
                 with gr.Row():
                     editor = gr.Dropdown([(v, k) for k, v in EDITOR_LABELS.items()], value="rmsprop", label="Editor",
                                          elem_id="editor")
-                    lr = gr.Number(value=first.suggested_lr("rmsprop"), label="Learning rate", elem_id="lr",
+                    lr = gr.Number(value=_suggested_lr(first, "rmsprop"), label="Learning rate", elem_id="lr",
                                    info="defaults to the rate the editable model learned")
                 with gr.Row():
                     max_steps = gr.Number(value=10, label="Max steps", elem_id="max-steps")
@@ -402,7 +408,7 @@ def build_demo(lab: Lab) -> gr.Blocks:
                     export_weights = gr.Button("Export edited weights (safetensors)")
                     export_log = gr.Button("Export edit log (JSON)")
                     replay = gr.UploadButton("Replay an edit log", file_types=[".json"], elem_id="replay")
-                export_files = gr.File(label="Downloads", file_count="multiple", interactive=False, height=120)
+                export_files = gr.File(label="Downloads", file_count="multiple", interactive=False, visible=False)
                 with gr.Accordion("History as JSON (the /history API)", open=False):
                     history_button = gr.Button("Refresh", size="sm")
                     history_json = gr.JSON()

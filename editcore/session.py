@@ -41,6 +41,21 @@ MAX_LR = 10.0
 MAX_EDITS_PER_SESSION = 200  # each applied edit keeps one parameter dict and one set of probabilities
 MAX_LOG_BYTES = 20_000_000
 EVAL_BATCH = 1000
+# Held-out re-evaluation is most of an edit's round trip. On CPUs with native bfloat16 (AVX512-BF16,
+# AMX) it runs in bfloat16, about twice as fast; every row whose bfloat16 top-2 logit margin is below
+# MARGIN_ABS + MARGIN_REL * |top logit| is recomputed in float32, so the predicted classes are float32's.
+# bfloat16's error on these logits is about 0.4% of the largest one (tests compare with float32 exactly).
+MARGIN_ABS, MARGIN_REL = 0.3, 0.03
+
+
+def native_bfloat16(device: torch.device) -> bool:
+    """True on a CPU whose oneDNN kernels run bfloat16 natively (else bfloat16 would be slower)."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 class SettingsError(ValueError):
@@ -103,8 +118,10 @@ class EditSettings:
 class SharedModel:
     """A checkpoint loaded once, shared read-only by all sessions, with its held-out evaluators."""
 
-    def __init__(self, name: str, path: str | Path, heldout: ImageSet, device: torch.device | str = "cpu"):
+    def __init__(self, name: str, path: str | Path, heldout: ImageSet, device: torch.device | str = "cpu",
+                 mixed_precision: bool | None = None):
         self.name, self.path, self.device = name, Path(path), torch.device(device)
+        self.mixed_precision = native_bfloat16(self.device) if mixed_precision is None else mixed_precision
         checkpoint = load_checkpoint(self.path, self.device)
         self.card, self.model, self.learned_editor = checkpoint.card, checkpoint.model.eval(), checkpoint.editor
         self.sha256 = hashlib.sha256(self.path.read_bytes()).hexdigest()
@@ -152,13 +169,26 @@ class SharedModel:
             return self._evaluators[layers]
 
     @torch.no_grad()
-    def heldout_probabilities(self, layers: str, params: Params | None) -> torch.Tensor:
-        """Class probabilities (N, classes) on the held-out set, from the cached features (CPU)."""
+    def heldout_logits(self, layers: str, params: Params | None) -> torch.Tensor:
+        """Logits (N, classes) on the held-out set from the cached features; with `mixed_precision`,
+        bfloat16 except for the rows whose prediction float32 has to settle (see MARGIN_ABS)."""
         evaluator = self.evaluator(layers)
-        editable = evaluator.editable
+        suffix = lambda features: evaluator.editable.logits_from_features(features, params or None).float()  # noqa: E731
+        features = evaluator.features
         with self.lock, eval_mode(self.model):
-            return torch.cat([torch.softmax(editable.logits_from_features(evaluator.features[i : i + EVAL_BATCH], params), 1)
-                              for i in range(0, len(evaluator.labels), EVAL_BATCH)]).cpu()
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.mixed_precision):
+                logits = torch.cat([suffix(features[i : i + EVAL_BATCH]) for i in range(0, len(features), EVAL_BATCH)])
+            if self.mixed_precision:
+                top2 = logits.topk(2, dim=1).values
+                unsure = torch.nonzero(top2[:, 0] - top2[:, 1] < MARGIN_ABS + MARGIN_REL * top2[:, 0].abs()).view(-1)
+                for i in range(0, len(unsure), EVAL_BATCH):
+                    rows = unsure[i : i + EVAL_BATCH]
+                    logits[rows] = suffix(features[rows])
+        return logits
+
+    def heldout_probabilities(self, layers: str, params: Params | None) -> torch.Tensor:
+        """Class probabilities (N, classes) on the held-out set (CPU); argmax = float32's prediction."""
+        return torch.softmax(self.heldout_logits(layers, params), 1).cpu()
 
     @torch.no_grad()
     def probabilities(self, images: torch.Tensor, params: Params | None = None) -> torch.Tensor:

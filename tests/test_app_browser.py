@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -22,19 +23,21 @@ pytestmark = [pytest.mark.browser, pytest.mark.filterwarnings("ignore::pandas.er
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, resnet20):
-    demo, url = launch(make_lab(tmp_path_factory, resnet20))
-    yield url
+    lab = make_lab(tmp_path_factory, resnet20)
+    demo, url = launch(lab)
+    yield url, lab
     demo.close()
 
 
 def test_fix_a_misclassified_image_in_the_browser(served, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api")
+    url, lab = served
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1440, "height": 1000})
             page.set_default_timeout(TIMEOUT_MS)
-            page.goto(served)
+            page.goto(url)
             thumbnails = page.locator("#browse-gallery .thumbnail-item")
             thumbnails.first.wait_for()
             info = page.locator("#selected-info")
@@ -64,5 +67,12 @@ def test_fix_a_misclassified_image_in_the_browser(served, tmp_path):
             page.locator("#undo").click()
             sync_api.expect(status).to_contain_text("Undid edit 1")
             sync_api.expect(info).to_contain_text("misclassified")
+
+            assert len(lab.registry) == 1
+            page.close()  # closing the tab ends the session: its workspace is freed
+            deadline = time.time() + 30
+            while len(lab.registry) and time.time() < deadline:
+                time.sleep(0.2)
+            assert len(lab.registry) == 0
         finally:
             browser.close()

@@ -3,6 +3,8 @@ messages, exports and replays round-trip."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -33,7 +35,7 @@ def test_page_load_select_apply_undo(handlers):
     assert len(gallery) == 24 and all("→" in caption for _, caption in gallery)  # misclassified only, by default
     assert report["edits"] == 0 and history == [] and fixed == [] and broken == []
     true_label = CLASSES[int(handlers.lab.sources["test"].labels[ws.selection.index])]
-    assert target["value"] == true_label
+    assert target == true_label
 
     outputs = handlers.apply_edit(true_label, "editable", "rmsprop", None, 30, "layer3", 0, r)
     report, status, topk_after = outputs[0], outputs[1], outputs[2]
@@ -72,12 +74,19 @@ def test_export_and_replay_round_trip(handlers):
     handlers.on_load(r)
     handlers.select_image("test", 0, r)
     handlers.apply_edit("cat", "editable", "rmsprop", None, 30, "layer3", 0, r)
-    weights, card = handlers.export_weights(r)
+    weights, card = handlers.export_weights(r)["value"]
     assert load_checkpoint(weights).card["edits"][0]["targets"] == ["cat"] and Path(card).is_file()
-    log_path = handlers.export_log(r)
+    log_path, = handlers.export_log(r)["value"]
     assert json.loads(Path(log_path).read_text())["edits"][0]["images"] == ["test:0"]
     handlers.on_load(other)
     outputs = handlers.replay_log(log_path, other)
     assert outputs[0]["value"] == "editable" and outputs[1]["reproduced"] is True
     timeless = lambda history: [{k: v for k, v in h.items() if k != "seconds"} for h in history]  # noqa: E731
     assert timeless(handlers.history(other)) == timeless(handlers.history(r))
+
+
+def test_app_py_stops_with_a_message_when_a_checkpoint_is_missing(tmp_path):
+    missing = tmp_path / "none.safetensors"
+    result = subprocess.run([sys.executable, "app.py", "--checkpoint", str(missing)], capture_output=True, text=True,
+                            timeout=300, cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 2 and f"checkpoint {missing} does not exist" in result.stderr

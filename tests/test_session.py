@@ -278,3 +278,30 @@ def test_compare_runs_every_method_from_the_unedited_models(ws, lab):
     assert exact.accuracy_after - exact.accuracy_before == pytest.approx(1 / 1000)
     assert all(o.accuracy_before == outcomes[0].accuracy_before for o in outcomes[:4])
     assert ws.session("baseline").history == []  # comparing is not editing
+
+
+def test_mixed_precision_held_out_predictions_equal_float32(lab):
+    """bfloat16 re-evaluation with float32 for low-margin rows predicts exactly what float32 does."""
+    from editcore import SharedModel, create_editor, edit
+
+    reference = lab.models["baseline"]
+    mixed = SharedModel("mixed", reference.path, lab.sources[SOURCE_TEST], mixed_precision=True)
+    editable = reference.editable("layer3")
+    evaluator = reference.evaluator("layer3")
+    images = lab.sources[SOURCE_TEST].images
+    assert torch.equal(mixed.heldout_logits("layer3", None).argmax(1), evaluator.predict_full())
+    for row, target, lr in ((0, 3, 1e-3), (1, 9, 1e-2), (2, 0, 3e-2)):
+        params = edit(editable, normalize(images[row : row + 1]), torch.tensor([target]),
+                      create_editor("rmsprop", lr=lr), max_steps=10).params
+        assert torch.equal(mixed.heldout_logits("layer3", params).argmax(1), evaluator.predict_full(params))
+
+
+def test_a_missing_checkpoint_is_a_note_and_the_other_model_loads(lab, tmp_path):
+    from editcore import Lab
+
+    present = lab.models["baseline"].path
+    partial = Lab.load([("baseline", present), ("editable", tmp_path / "gone.safetensors")], log=lambda *_: None)
+    assert list(partial.models) == ["baseline"]
+    assert any("gone.safetensors" in note and "missing" in note for note in partial.notes)
+    with pytest.raises(FileNotFoundError, match="gone.safetensors"):
+        Lab.load([("editable", tmp_path / "gone.safetensors")], log=lambda *_: None)

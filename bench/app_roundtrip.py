@@ -1,0 +1,172 @@
+"""Apply-edit round trip of the app through gradio_client: edit + held-out re-evaluation + plot + flip set
++ augmented views, p50 over N edits, on the embedded sample and (with --data-root or $EDITLAB_DATA) on
+the full 10,000 CIFAR-10 test images.
+
+    .venv/bin/python bench/app_roundtrip.py [--edits 15] [--checkpoint PATH ...] [--data-root DIR] [--no-write]
+
+Each configuration starts `python app.py` in a subprocess on a free port and opens one gradio_client
+session (download_files=False: a client fetches thumbnails only when it shows them). It walks the test
+images with /select_image, and for each one the model gets wrong it applies the page's default edit (the
+true label, the editable model, its learned RMSProp editor, 10 steps) through /apply_edit and times that
+call; /undo (not timed) then restores the unedited model, so every edit starts from the same weights.
+The first edit is a warm-up and is not counted. Prints every figure and writes the "app" section of
+docs/PERFORMANCE.md (other sections are left alone).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+REPORT = ROOT / "docs" / "PERFORMANCE.md"
+TARGET_10K_S = 1.5
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_app(checkpoints: list[str], data_root: str | None, log_path: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    command = [sys.executable, str(ROOT / "app.py"), "--port", str(port)]
+    for checkpoint in checkpoints:
+        command += ["--checkpoint", checkpoint]
+    env = {**os.environ}
+    env.pop("EDITLAB_DATA", None)  # the data root is passed explicitly, or the sample is meant
+    if data_root:
+        command += ["--data-root", data_root]
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"app.py exited with {process.returncode}:\n{log_path.read_text()}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    process.kill()
+    raise SystemExit(f"app.py did not answer within 10 minutes:\n{log_path.read_text()}")
+
+
+def measure(url: str, n_edits: int) -> dict:
+    from gradio_client import Client
+
+    client = Client(url, verbose=False, download_files=False)
+    times, edit_s, eval_s, selects, reports = [], [], [], [], []
+    index = 0
+    while len(times) < n_edits + 1:
+        started = time.perf_counter()
+        _, info, _, target = client.predict("test", index, api_name="/select_image")
+        selects.append(time.perf_counter() - started)
+        index += 1
+        if "misclassified" not in info:
+            continue
+        started = time.perf_counter()
+        report = client.predict(target, "editable", "rmsprop", None, 10, "layer3", 0, api_name="/apply_edit")[0]
+        times.append(time.perf_counter() - started)
+        edit_s.append(report["seconds"])
+        eval_s.append(report["evaluation_seconds"])
+        reports.append(report)
+        client.predict(api_name="/undo")
+    times, edit_s, eval_s = times[1:], edit_s[1:], eval_s[1:]  # the first edit warms up
+    ordered = sorted(times)
+    return {
+        "n": len(times), "n_heldout": reports[0]["n_heldout"],
+        "p50": statistics.median(times), "p90": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))],
+        "max": ordered[-1], "edit_p50": statistics.median(edit_s), "eval_p50": statistics.median(eval_s),
+        "select_p50": statistics.median(selects),
+        "succeeded": sum(r["success"] for r in reports[1:]),
+    }
+
+
+def write_section(text: str) -> None:
+    """Replace (or append) the '## app' section of docs/PERFORMANCE.md, leaving other sections alone."""
+    current = REPORT.read_text() if REPORT.exists() else "# Performance\n"
+    section = re.compile(r"^## app\b.*?(?=^## |\Z)", re.S | re.M)
+    new = section.sub(lambda _: text, current) if section.search(current) else current.rstrip("\n") + "\n\n" + text
+    REPORT.parent.mkdir(parents=True, exist_ok=True)
+    REPORT.write_text(new)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--edits", type=int, default=15, help="timed edits per configuration")
+    parser.add_argument("--checkpoint", action="append", default=None,
+                        help="passed to app.py (default: its defaults, the shipped checkpoints)")
+    parser.add_argument("--data-root", default=os.environ.get("EDITLAB_DATA"),
+                        help="CIFAR-10 root for the 10,000-image run (default: $EDITLAB_DATA; none: sample only)")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/PERFORMANCE.md alone")
+    args = parser.parse_args()
+
+    configs = [("embedded sample", None)] + ([("full test set", args.data_root)] if args.data_root else [])
+    load_before = os.getloadavg()
+    rows = []
+    for label, data_root in configs:
+        with tempfile.TemporaryDirectory() as folder:
+            process, url = start_app(args.checkpoint or [], data_root, Path(folder) / "app.log")
+            try:
+                result = measure(url, args.edits)
+            finally:
+                process.terminate()
+                process.wait(timeout=30)
+        rows.append((label, result))
+        print(f"{label}: {result['n_heldout']:,} held-out images, {result['n']} edits ({result['succeeded']} reached "
+              f"the target): round trip p50 {result['p50']:.3f} s, p90 {result['p90']:.3f} s, max {result['max']:.3f} s; "
+              f"edit p50 {result['edit_p50'] * 1000:.0f} ms, re-evaluation p50 {result['eval_p50'] * 1000:.0f} ms; "
+              f"/select_image p50 {result['select_p50'] * 1000:.0f} ms")
+    load_after = os.getloadavg()
+
+    checkpoints = ", ".join(args.checkpoint) if args.checkpoint else "the defaults (assets/resnet20_*.safetensors)"
+    lines = [
+        "## app",
+        "",
+        "Apply-edit round trip through gradio_client against `python app.py` in a subprocess: one /apply_edit",
+        "call = edit + re-evaluation of the held-out set + accuracy plot + flip-set galleries + augmented views",
+        "+ the refreshed browse page. The page's default edit (true label, editable model, learned RMSProp, 10",
+        "steps) on misclassified test images, each from the unedited model (/undo between edits), first one",
+        "not counted.",
+        "",
+        f"Command: `.venv/bin/python bench/app_roundtrip.py {shlex.join(sys.argv[1:])}`",
+        "",
+        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.machine()}, {os.cpu_count()} CPU "
+        f"cores, Python {platform.python_version()}; checkpoints: {checkpoints}. Load average (1 min) "
+        f"{load_before[0]:.1f} before, {load_after[0]:.1f} after: the cores were shared, so these are upper bounds.",
+        "",
+        "| held-out set | images | edits | round trip p50 | p90 | max | edit p50 | re-evaluation p50 | target |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for label, r in rows:
+        target = f"p50 <= {TARGET_10K_S} s" if r["n_heldout"] >= 10_000 else "well under the 10k target"
+        lines.append(f"| {label} | {r['n_heldout']:,} | {r['n']} | {r['p50']:.3f} s | {r['p90']:.3f} s | {r['max']:.3f} s "
+                     f"| {r['edit_p50'] * 1000:.0f} ms | {r['eval_p50'] * 1000:.0f} ms | {target} |")
+    if not args.data_root:
+        lines += ["", "No data root was given, so the 10,000-image row is missing: set EDITLAB_DATA and rerun."]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if not args.no_write:
+        write_section(text)
+        print(f"wrote the app section of {REPORT.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
