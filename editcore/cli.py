@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import sys
@@ -255,10 +256,7 @@ def cmd_imagenet_a_edits(args) -> int:
 
 
 def cmd_info(args) -> int:
-    try:
-        card = read_card(args.path)
-    except (FileNotFoundError, ValueError) as exc:
-        raise SystemExit(str(exc)) from exc
+    card = read_card(args.path)  # a missing or foreign file: main() reports it, exit status 2
     print(json.dumps(card, indent=2, sort_keys=True))
     return 0
 
@@ -266,7 +264,8 @@ def cmd_info(args) -> int:
 def cmd_download(args) -> int:
     import torchvision  # only this command needs it, and only with internet
 
-    root = Path(args.data_root or data_mod.resolve_data_root(None) or "data").expanduser()
+    # Not resolve_data_root: the folder need not exist yet, and the download goes to the root, not its batch folder.
+    root = Path(args.data_root or os.environ.get("EDITLAB_DATA") or "data").expanduser()
     torchvision.datasets.CIFAR10(str(root), train=True, download=True)
     say(f"CIFAR-10 is in {root / data_mod.BATCH_DIR}; set EDITLAB_DATA={root}")
     return 0

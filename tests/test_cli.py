@@ -107,19 +107,24 @@ def test_missing_data_root_env_exits_2_naming_the_path(tmp_path, capsys, monkeyp
     assert str(missing) in capsys.readouterr().err
 
 
-def exit_status(argv) -> int | str:
-    try:
-        return main(argv)
-    except SystemExit as exc:  # a command may exit with its message as the status
-        return exc.code
-
-
-def test_info_on_a_missing_or_foreign_file_fails_clearly(tmp_path, capsys):
-    status = exit_status(["info", str(tmp_path / "absent.safetensors")])
-    assert status not in (0, None)
-    assert "absent.safetensors" in capsys.readouterr().err + str(status)
+def test_info_on_a_missing_or_foreign_file_exits_2(tmp_path, capsys):
+    assert main(["info", str(tmp_path / "absent.safetensors")]) == 2
+    assert "absent.safetensors" in capsys.readouterr().err
     foreign = tmp_path / "foreign.safetensors"
     foreign.write_bytes(b"\x80\x04not a checkpoint")
-    status = exit_status(["info", str(foreign)])
-    assert status not in (0, None)
-    assert "not a safetensors" in capsys.readouterr().err + str(status)
+    assert main(["info", str(foreign)]) == 2
+    assert "not a safetensors" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_download_goes_to_the_named_root_even_before_it_exists(tmp_path, monkeypatch, how):
+    import torchvision
+
+    calls = []
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", lambda root, **kw: calls.append((root, kw)))
+    root = tmp_path / "not_yet"
+    monkeypatch.delenv("EDITLAB_DATA", raising=False)
+    if how == "env":
+        monkeypatch.setenv("EDITLAB_DATA", str(root))
+    assert main(["download-cifar10"] + (["--data-root", str(root)] if how == "flag" else [])) == 0
+    assert calls == [(str(root), {"train": True, "download": True})]
