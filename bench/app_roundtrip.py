@@ -67,11 +67,20 @@ def start_app(checkpoints: list[str], data_root: str | None, log_path: Path) -> 
     raise SystemExit(f"app.py did not answer within 10 minutes:\n{log_path.read_text()}")
 
 
-def measure(url: str, n_edits: int) -> dict:
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process so far (Linux /proc), or None elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(url: str, n_edits: int, pid: int) -> dict:
     from gradio_client import Client
 
     client = Client(url, verbose=False, download_files=False)
-    times, edit_s, eval_s, selects, reports = [], [], [], [], []
+    times, cpu, edit_s, eval_s, selects, reports = [], [], [], [], [], []
     index = 0
     while len(times) < n_edits + 1:
         started = time.perf_counter()
@@ -80,19 +89,20 @@ def measure(url: str, n_edits: int) -> dict:
         index += 1
         if "misclassified" not in info:
             continue
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), cpu_seconds(pid)
         report = client.predict(target, "editable", "rmsprop", None, 10, "layer3", 0, api_name="/apply_edit")[0]
         times.append(time.perf_counter() - started)
+        cpu.append(cpu_seconds(pid) - cpu_started if cpu_started is not None else float("nan"))
         edit_s.append(report["seconds"])
         eval_s.append(report["evaluation_seconds"])
         reports.append(report)
         client.predict(api_name="/undo")
-    times, edit_s, eval_s = times[1:], edit_s[1:], eval_s[1:]  # the first edit warms up
+    times, cpu, edit_s, eval_s = times[1:], cpu[1:], edit_s[1:], eval_s[1:]  # the first edit warms up
     ordered = sorted(times)
     return {
         "n": len(times), "n_heldout": reports[0]["n_heldout"],
         "p50": statistics.median(times), "p90": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))],
-        "max": ordered[-1], "edit_p50": statistics.median(edit_s), "eval_p50": statistics.median(eval_s),
+        "max": ordered[-1], "cpu_p50": statistics.median(cpu), "edit_p50": statistics.median(edit_s), "eval_p50": statistics.median(eval_s),
         "select_p50": statistics.median(selects),
         "succeeded": sum(r["success"] for r in reports[1:]),
     }
@@ -124,13 +134,14 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as folder:
             process, url = start_app(args.checkpoint or [], data_root, Path(folder) / "app.log")
             try:
-                result = measure(url, args.edits)
+                result = measure(url, args.edits, process.pid)
             finally:
                 process.terminate()
                 process.wait(timeout=30)
         rows.append((label, result))
         print(f"{label}: {result['n_heldout']:,} held-out images, {result['n']} edits ({result['succeeded']} reached "
-              f"the target): round trip p50 {result['p50']:.3f} s, p90 {result['p90']:.3f} s, max {result['max']:.3f} s; "
+              f"the target): round trip p50 {result['p50']:.3f} s, p90 {result['p90']:.3f} s, max {result['max']:.3f} s, "
+              f"server CPU time p50 {result['cpu_p50']:.3f} s; "
               f"edit p50 {result['edit_p50'] * 1000:.0f} ms, re-evaluation p50 {result['eval_p50'] * 1000:.0f} ms; "
               f"/select_image p50 {result['select_p50'] * 1000:.0f} ms")
     load_after = os.getloadavg()
@@ -149,15 +160,20 @@ def main() -> int:
         "",
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.machine()}, {os.cpu_count()} CPU "
         f"cores, Python {platform.python_version()}; checkpoints: {checkpoints}. Load average (1 min) "
-        f"{load_before[0]:.1f} before, {load_after[0]:.1f} after: the cores were shared, so these are upper bounds.",
+        f"{load_before[0]:.1f} before, {load_after[0]:.1f} after{' (busy: other processes shared the cores)' if max(load_before[0], load_after[0]) > (os.cpu_count() or 1) else ''}.",
+        "Server CPU time is the app process's user + system time during the call, summed over its threads:",
+        "the work itself, whatever else runs; on an idle machine the wall time lies between it divided by",
+        "the number of cores and it.",
         "",
-        "| held-out set | images | edits | round trip p50 | p90 | max | edit p50 | re-evaluation p50 | target |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| held-out set | images | edits | round trip p50 | p90 | max | server CPU time p50 | edit p50 "
+        "| re-evaluation p50 | target (p50) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for label, r in rows:
-        target = f"p50 <= {TARGET_10K_S} s" if r["n_heldout"] >= 10_000 else "well under the 10k target"
+        target = f"<= {TARGET_10K_S} s: **{'met' if r['p50'] <= TARGET_10K_S else 'not met'}**" \
+            if r["n_heldout"] >= 10_000 else "well under the 10k figure"
         lines.append(f"| {label} | {r['n_heldout']:,} | {r['n']} | {r['p50']:.3f} s | {r['p90']:.3f} s | {r['max']:.3f} s "
-                     f"| {r['edit_p50'] * 1000:.0f} ms | {r['eval_p50'] * 1000:.0f} ms | {target} |")
+                     f"| {r['cpu_p50']:.3f} s | {r['edit_p50'] * 1000:.0f} ms | {r['eval_p50'] * 1000:.0f} ms | {target} |")
     if not args.data_root:
         lines += ["", "No data root was given, so the 10,000-image row is missing: set EDITLAB_DATA and rerun."]
     text = "\n".join(lines) + "\n"

@@ -106,10 +106,9 @@ class Lab:
     def source_label(self, name: str) -> str:
         if name == SOURCE_TEST:
             test = self.sources[SOURCE_TEST]
-            kind = "embedded sample" if len(test) < 10000 else "full test set"
-            return f"CIFAR-10 test ({kind}, {len(test):,} images)"
+            return f"CIFAR-10 test ({len(test):,}{' sample' if len(test) < 10000 else ''})"
         if name == SOURCE_NAE:
-            return f"Natural adversarial examples ({len(self.sources[SOURCE_NAE]):,} images)"
+            return f"Natural adversarial examples ({len(self.sources[SOURCE_NAE]):,})"
         return "Your uploads"
 
     def replay_set(self) -> ImageSet | None:

@@ -296,12 +296,23 @@ def test_mixed_precision_held_out_predictions_equal_float32(lab):
         assert torch.equal(mixed.heldout_logits("layer3", params).argmax(1), evaluator.predict_full(params))
 
 
-def test_a_missing_checkpoint_is_a_note_and_the_other_model_loads(lab, tmp_path):
-    from editcore import Lab
+def test_a_missing_checkpoint_is_a_note_and_an_nae_set_a_source(lab, tmp_path):
+    from editcore import SOURCE_NAE, Lab
+    from editcore.nae import save_nae
 
+    nae = save_nae(tmp_path / "nae.npz", lab.sources[SOURCE_TEST].subset(torch.arange(40, 60)), {"note": "test"})
     present = lab.models["baseline"].path
-    partial = Lab.load([("baseline", present), ("editable", tmp_path / "gone.safetensors")], log=lambda *_: None)
+    partial = Lab.load([("baseline", present), ("editable", tmp_path / "gone.safetensors")], nae_path=nae,
+                       log=lambda *_: None)
     assert list(partial.models) == ["baseline"]
+    assert partial.source_names() == [SOURCE_TEST, SOURCE_NAE, SOURCE_UPLOADS]
+    ws = partial.registry.get("nae")
+    page = ws.browse("baseline", BrowseQuery(source=SOURCE_NAE, page_size=50))
+    assert page.total == 20 and [i.label for i in page.items] == lab.sources[SOURCE_TEST].labels[40:60].tolist()
+    ws.select(page.items[0].ref)
+    report = ws.apply("baseline", 3, EditSettings(lr=1e-3, max_steps=50))
+    assert report.applied and report.refs == [ImageRef(SOURCE_NAE, 0)]
+    assert ws.browse("baseline", BrowseQuery(source=SOURCE_NAE)).items[0].predicted == 3  # re-scored under the edit
     assert any("gone.safetensors" in note and "missing" in note for note in partial.notes)
     with pytest.raises(FileNotFoundError, match="gone.safetensors"):
         Lab.load([("editable", tmp_path / "gone.safetensors")], log=lambda *_: None)
