@@ -11,15 +11,15 @@ import torch  # noqa: E402
 from editcore import DataError, Lab, read_card  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-DEFAULT_CHECKPOINTS = [ASSETS / "resnet20_baseline.safetensors", ASSETS / "resnet20_editable.safetensors"]
+DEFAULT_CHECKPOINTS = [f"baseline={ASSETS / 'resnet20_baseline.safetensors'}",
+                       f"editable={ASSETS / 'resnet20_editable.safetensors'}"]
 
 
 def checkpoint_names(values: list[str] | None) -> list[tuple[str, Path]]:
     """--checkpoint values (repeated or comma-separated, each PATH or NAME=PATH) as (name, path).
     Without a name, the card's objective names it: 'baseline' or 'editable'."""
     explicit = values is not None
-    items = [item.strip() for value in (values or [str(p) for p in DEFAULT_CHECKPOINTS]) for item in value.split(",")
-             if item.strip()]
+    items = [item.strip() for value in (values or DEFAULT_CHECKPOINTS) for item in value.split(",") if item.strip()]
     named = []
     for item in items:
         name, _, path = item.rpartition("=") if "=" in item else ("", "", item)

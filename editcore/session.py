@@ -137,10 +137,10 @@ class SharedModel:
 
     @property
     def description(self) -> str:
-        accuracy = self.card.get("test_accuracy")
         trained = "editable-trained" if self.card.get("objective") == "editable" else "baseline-trained"
-        return (f"{self.name}: {self.card['arch']}, {trained}, test accuracy "
-                f"{accuracy:.1%}" if accuracy is not None else f"{self.name}: {self.card['arch']}, {trained}")
+        text = f"{self.name}: {self.card['arch']}, {trained}"
+        accuracy = self.card.get("test_accuracy")
+        return text if accuracy is None else f"{text}, test accuracy {accuracy:.1%}"
 
     def suggested_lr(self, editor: str) -> float:
         if self.learned_editor is not None and self.learned_editor.name == editor:

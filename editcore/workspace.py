@@ -92,15 +92,15 @@ class Lab:
         models = {}
         for name, path in checkpoints:
             if not Path(path).is_file():
-                notes.append(f"Checkpoint {path} ({name}) is missing, so the {name} model is not available. "
-                             "Train it with `python -m editcore train` (see the README) or pass --checkpoint.")
+                notes.append(f"Checkpoint {path} is missing, so the {name} model is not available: train it with "
+                             "`python -m editcore train` (see the README) or pass --checkpoint.")
                 continue
             started = time.perf_counter()
             models[name] = SharedModel(name, path, test, device)
             log(f"loaded {name} from {path}, held-out features for {len(test)} images in "
                 f"{time.perf_counter() - started:.1f} s")
         if not models:
-            raise FileNotFoundError(" ".join(notes) or "no checkpoint given")
+            raise FileNotFoundError("no model to load. " + " ".join(notes) if notes else "no checkpoint given")
         return cls(models, sources, notes, root)
 
     def source_label(self, name: str) -> str:
