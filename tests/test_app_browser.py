@@ -37,6 +37,8 @@ def test_fix_a_misclassified_image_in_the_browser(served, tmp_path):
         try:
             page = browser.new_page(viewport={"width": 1440, "height": 1000})
             page.set_default_timeout(TIMEOUT_MS)
+            requested = []
+            page.on("request", lambda req: requested.append(req.url))
             page.goto(url)
             thumbnails = page.locator("#browse-gallery .thumbnail-item")
             thumbnails.first.wait_for()
@@ -68,6 +70,8 @@ def test_fix_a_misclassified_image_in_the_browser(served, tmp_path):
             sync_api.expect(status).to_contain_text("Undid edit 1")
             sync_api.expect(info).to_contain_text("misclassified")
 
+            outside = [u for u in requested if not u.startswith((url, "data:", "blob:"))]
+            assert requested and not outside, f"the page reached outside the app: {outside[:5]}"
             assert len(lab.registry) == 1
             page.close()  # closing the tab ends the session: its workspace is freed
             deadline = time.time() + 30
