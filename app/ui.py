@@ -226,8 +226,8 @@ class Handlers:
         gallery, info = self._browse_outputs(ws, BrowseQuery(source=SOURCE_UPLOADS, page=10**9, page_size=PAGE_SIZE))
         message = (f"Added {len(refs)} image(s), resized to 32×32. They have no true label: choose the label "
                    "you want in the edit panel.")
-        return (gr.update(value=SOURCE_UPLOADS), gr.update(value=ALL_CLASSES), gr.update(value=False), gallery, info,
-                message, *self._selection_outputs(ws))
+        filters = (SOURCE_UPLOADS, ALL_CLASSES, False, 0.0, 1.0, "index")  # the query just shown
+        return (*filters, gallery, info, message, *self._selection_outputs(ws))
 
     @user_errors
     def compare(self, target: str, editor: str, max_steps: float, request: gr.Request, progress=gr.Progress()):
@@ -448,8 +448,8 @@ def build_demo(lab: Lab) -> gr.Blocks:
         next_page.click(handlers.next_page, None, browse_outputs, api_visibility="private")
         browse_gallery.select(handlers.select_from_gallery, None, selection_outputs, api_visibility="private")
         jump.click(handlers.select_image, [source, jump_index], selection_outputs, api_name="select_image")
-        upload.upload(handlers.upload, upload, [source, label_filter, misclassified, *browse_outputs, upload_info,
-                                                *selection_outputs], api_name="upload")
+        upload.upload(handlers.upload, upload, [*filters, *browse_outputs, upload_info, *selection_outputs],
+                      api_name="upload")
         model.input(handlers.set_model, model, [lr, editor, layers, *effect_outputs], api_visibility="private")
         editor.input(handlers.suggest_lr, [model, editor], lr, api_visibility="private")
         apply.click(handlers.apply_edit, [target, model, *settings_inputs], effect_outputs, api_name="apply_edit")

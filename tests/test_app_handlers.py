@@ -69,6 +69,22 @@ def test_errors_become_page_messages(handlers, tmp_path):
     assert handlers.history(r) == [] and len(handlers.workspace(r).uploads) == 0
 
 
+def test_an_upload_is_shown_selected_and_editable(handlers, tmp_path):
+    from PIL import Image
+
+    r = request("h5")
+    handlers.on_load(r)
+    path = tmp_path / "photo.png"
+    Image.new("LA", (300, 200), (90, 128)).save(path)
+    source, label, misclassified, low, high, sort, gallery, page, message, image, info, topk, target = \
+        handlers.upload([str(path)], r)
+    assert (source, label, misclassified, low, high, sort) == ("uploads", "all", False, 0.0, 1.0, "index")
+    assert len(gallery) == 1 and "Added 1 image" in message and "Upload #0" in info and "unlabelled" in info
+    assert image.shape == (256, 256, 3) and target in CLASSES
+    new_target = next(c for c in CLASSES if c != target)
+    assert handlers.apply_edit(new_target, "editable", "rmsprop", None, 50, "layer3", 0, r)[0]["images"] == ["uploads:0"]
+
+
 def test_export_and_replay_round_trip(handlers):
     r, other = request("h3"), request("h4")
     handlers.on_load(r)
