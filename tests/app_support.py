@@ -35,7 +35,13 @@ def checkpoints(tmp_path_factory, model) -> tuple[tuple[str, Path], ...]:
 
 
 def make_lab(tmp_path_factory, model) -> Lab:
-    return Lab.load(list(checkpoints(tmp_path_factory, model)), log=lambda *_: None)
+    """The lab on the embedded 1,000-image sample, even when $EDITLAB_DATA is set (the tests count on it)."""
+    saved = os.environ.pop("EDITLAB_DATA", None)
+    try:
+        return Lab.load(list(checkpoints(tmp_path_factory, model)), log=lambda *_: None)
+    finally:
+        if saved is not None:
+            os.environ["EDITLAB_DATA"] = saved
 
 
 def free_port() -> int:
