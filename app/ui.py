@@ -169,10 +169,8 @@ class Handlers:
     @user_errors
     def set_model(self, model: str, request: gr.Request):
         ws = self.workspace(request)
-        ws.session(model)  # validates the name
-        ws.model = model
+        session = ws.use_model(model)
         shared = self.lab.models[model]
-        session = ws.session(model)
         return (gr.update(value=_suggested_lr(shared, "rmsprop")), gr.update(value="rmsprop"),
                 gr.update(choices=list(shared.layer_choices), value=session.layers),
                 *self._state_outputs(ws, f"Showing the {model} model ({len(session.history)} edit(s) in this session)."))
@@ -190,12 +188,8 @@ class Handlers:
         if target not in CLASSES:
             raise SettingsError(f"target must be one of {', '.join(CLASSES)}, got {target!r}")
         settings = self._settings(editor, lr, max_steps, layers, max_drop)
-        ws.session(model)
-        ws.model = model
-        with ws.lock:
-            ref, image, _ = ws.selected()
-            report = ws.session(model).apply(image[None], [CLASSES.index(target)], settings, [ref],
-                                             progress=lambda fraction, stage: progress(fraction, desc=stage))
+        ws.use_model(model)
+        report = ws.apply(model, CLASSES.index(target), settings, lambda fraction, stage: progress(fraction, desc=stage))
         return self._report_outputs(ws, report)
 
     @user_errors
@@ -268,10 +262,8 @@ class Handlers:
                     request: gr.Request, progress=gr.Progress()):
         ws = self.workspace(request)
         settings = self._settings(editor, lr, max_steps, layers, max_drop)
-        ws.session(model)
-        ws.model = model
-        with ws.lock:
-            report = ws.apply_batch(model, settings)
+        ws.use_model(model)
+        report = ws.apply_batch(model, settings, lambda fraction, stage: progress(fraction, desc=stage))
         return (*self._report_outputs(ws, report), self._batch_text(ws.batch))
 
     def _export_path(self, request, name: str) -> Path:
@@ -304,7 +296,7 @@ class Handlers:
         log = read_log(Path(path).read_bytes())
         model = log.get("model") if isinstance(log, dict) and log.get("model") in self.lab.models else ws.model
         reports = ws.session(model).replay(log)
-        ws.model = model
+        ws.use_model(model)
         recorded = [e.get("heldout_accuracy_after") for e in log.get("edits", [])]
         replayed = [r.heldout_accuracy_after for r in reports]
         same = "reproduced exactly" if recorded == replayed else "NOT identical to the recorded accuracies"

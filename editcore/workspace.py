@@ -180,6 +180,12 @@ class Workspace:
                 self.sessions[model] = EditSession(self.lab.models[model])
             return self.sessions[model]
 
+    def use_model(self, model: str) -> EditSession:
+        """Make `model` the one on screen (its session answers selections, undo, reset, history)."""
+        session = self.session(model)
+        self.model = model
+        return session
+
     def source(self, name: str) -> ImageSet:
         if name == SOURCE_UPLOADS:
             n = len(self.uploads)
@@ -279,11 +285,11 @@ class Workspace:
             self.upload_names += [Path(p).name for p in paths]
             return [ImageRef(SOURCE_UPLOADS, start + i) for i in range(len(decoded))]
 
-    def apply(self, model: str, target: int, settings: EditSettings) -> EditReport:
+    def apply(self, model: str, target: int, settings: EditSettings, progress=lambda fraction, stage: None) -> EditReport:
         """Edit the selected image to `target` in this user's session of `model`."""
         with self.lock:
             ref, image, _ = self.selected()
-            return self.session(model).apply(image[None], [target], settings, [ref])
+            return self.session(model).apply(image[None], [target], settings, [ref], progress)
 
     def add_to_batch(self, target: int) -> list[tuple[ImageRef, int]]:
         with self.lock:
@@ -295,13 +301,14 @@ class Workspace:
             self.batch = [item for item in self.batch if item[0] != ref] + [(ref, target)]
             return list(self.batch)
 
-    def apply_batch(self, model: str, settings: EditSettings) -> EditReport:
+    def apply_batch(self, model: str, settings: EditSettings, progress=lambda fraction, stage: None) -> EditReport:
         """One edit that gives every image of the batch its target; the batch is cleared if applied."""
         with self.lock:
             if not self.batch:
                 raise SettingsError("the batch is empty: select images and press 'Add to batch'")
             images = torch.stack([self.image(ref)[0] for ref, _ in self.batch])
-            report = self.session(model).apply(images, [t for _, t in self.batch], settings, [r for r, _ in self.batch])
+            report = self.session(model).apply(images, [t for _, t in self.batch], settings, [r for r, _ in self.batch],
+                                               progress)
             if report.applied:
                 self.batch = []
             return report
