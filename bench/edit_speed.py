@@ -96,6 +96,27 @@ def time_edits(editable, editor, images, rows, targets, max_steps) -> dict:
     }
 
 
+def multiply_adds(editable: EditableModel, image: torch.Tensor) -> tuple[int, int]:
+    """Multiply-adds of conv and linear layers for one image: (stages from the split on, whole model)."""
+    counts = {"n": 0}
+
+    def hook(module, inputs, output):
+        if isinstance(module, torch.nn.Conv2d):
+            counts["n"] += output.numel() * module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+        else:
+            counts["n"] += output.numel() * module.in_features
+
+    handles = [m.register_forward_hook(hook) for m in editable.model.modules()
+               if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    with torch.no_grad():
+        features = editable.features(image)
+        before_split = counts["n"]
+        editable.logits_from_features(features)
+    for handle in handles:
+        handle.remove()
+    return counts["n"] - before_split, counts["n"]
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -175,6 +196,10 @@ def main() -> int:
     print(f"re-evaluate {n} images, 1 thread (medians of {args.repeats_1thread}): cached suffix {cached_cpu_1:.3f} s CPU, "
           f"full model {full_cpu_1:.3f} s CPU; full / cached = {speedup_1:.2f}x")
     print(f"cached and full predictions identical: {identical}")
+    suffix_macs, full_macs = multiply_adds(editable, normalize(heldout_set.images[:1]))
+    suffix_gflops = 2 * suffix_macs * n / cached_cpu_1 / 1e9
+    print(f"work per image: {suffix_macs / 1e6:.1f} M multiply-adds after the split, {full_macs / 1e6:.1f} M in all; "
+          f"the cached suffix ran at {suffix_gflops:.0f} GFLOP/s on one thread")
 
     rows_md = [
         ("one edit to success, p50", f"{edits['wall_ms']:.1f} ms", f"{edits_1['cpu_ms']:.1f} ms",
@@ -193,6 +218,8 @@ def main() -> int:
     table = "\n".join(f"| {name} | {wall} | {cpu} | {target} | {'' if met is None else ('met' if met else '**not met**')} |"
                       for name, wall, cpu, target, met in rows_md)
     command = ("python bench/edit_speed.py " + shlex.join(sys.argv[1:])).strip()
+    if args.data_root is None and os.environ.get("EDITLAB_DATA"):
+        command = f"EDITLAB_DATA={shlex.quote(os.environ['EDITLAB_DATA'])} {command}"
     text = f"""## editcore
 
 Command: `{command}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})
@@ -210,6 +237,10 @@ Python {platform.python_version()}, device cpu. Load average (1, 5, 15 min) befo
   An edit's time includes computing the image's features up to the editable stage.
 - Re-evaluation: wall medians of {args.repeats}, one-thread CPU medians of {args.repeats_1thread}. Cached and full
   predictions identical: {identical}. Building the cache (once per model) took {cache_s:.2f} s.
+- Work: {suffix_macs / 1e6:.1f} M multiply-adds per image from the split on ({full_macs / 1e6:.1f} M for the whole
+  model), so re-scoring {n} images after an edit is {2 * suffix_macs * n / 1e9:.0f} GFLOP of float32 convolution,
+  which ran at {suffix_gflops:.0f} GFLOP/s on one thread. At that rate, {TARGETS['cached_s']:g} s for {n} images needs
+  {2 * suffix_macs * n / 1e9 / TARGETS['cached_s'] / suffix_gflops:.1f} such cores working in parallel without loss.
 - Wall-clock figures depend on what else runs: with a load average above the core count, other
   processes take most of the CPU, and two threads that wait on each other lose more than one thread does.
   The one-thread CPU column is the work itself; an idle machine runs it in about that time on one core.
