@@ -70,7 +70,7 @@ def test_info_prints_the_card(trained):
 def test_editable_training_on_the_sample_stores_the_learned_editor(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("EDITLAB_DATA", raising=False)
     out = tmp_path / "editable.safetensors"
-    code = main(["train", "--epochs", "1", "--editable", "--train-subset", "128", "--batch-size", "64",
+    code = main(["train", "--epochs", "1", "--editable", "--train-subset", "64", "--batch-size", "32",
                  "--max-steps", "2", "--device", "cpu", "--out", str(out)])
     assert code == 0
     assert main(["info", str(out)]) == 0
