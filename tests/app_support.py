@@ -2,12 +2,15 @@
 trained ResNet-20) and the app served from the test process on a free port."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
 
 from editcore import Lab, create_editor, save_checkpoint  # noqa: E402
 
@@ -16,15 +19,16 @@ SHIPPED = (("baseline", ASSETS / "resnet20_baseline.safetensors"), ("editable", 
 _made: tuple[tuple[str, Path], ...] | None = None
 
 
-def checkpoints(tmp_path_factory, model) -> tuple[tuple[str, Path], ...]:
+def checkpoints(tmp_path_factory, request) -> tuple[tuple[str, Path], ...]:
     """(name, path) of a baseline and an editable checkpoint: the shipped ones when present, else written
-    once per test run from `model` (conftest's briefly trained ResNet-20). The written 'editable' one
-    carries the same weights and an RMSProp editor: enough for the app's mechanics (a learned editor,
-    two models), which is what these tests check."""
+    once per test run from conftest's briefly trained ResNet-20 (trained only then). The written
+    'editable' one carries the same weights and an RMSProp editor: enough for the app's mechanics (a
+    learned editor, two models), which is what these tests check."""
     global _made
     if all(path.is_file() for _, path in SHIPPED):
         return SHIPPED
     if _made is None:
+        model = request.getfixturevalue("resnet20")
         folder = tmp_path_factory.mktemp("app-checkpoints")
         card = {"arch": "resnet20", "editable_prefix": "layer3"}
         base = save_checkpoint(folder / "baseline.safetensors", model, {**card, "objective": "baseline"})
@@ -34,14 +38,27 @@ def checkpoints(tmp_path_factory, model) -> tuple[tuple[str, Path], ...]:
     return _made
 
 
-def make_lab(tmp_path_factory, model) -> Lab:
+def make_lab(tmp_path_factory, request) -> Lab:
     """The lab on the embedded 1,000-image sample, even when $EDITLAB_DATA is set (the tests count on it)."""
     saved = os.environ.pop("EDITLAB_DATA", None)
     try:
-        return Lab.load(list(checkpoints(tmp_path_factory, model)), log=lambda *_: None)
+        return Lab.load(list(checkpoints(tmp_path_factory, request)), log=lambda *_: None)
     finally:
         if saved is not None:
             os.environ["EDITLAB_DATA"] = saved
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Run torch on one thread meanwhile: on cores shared with other jobs, two threads that wait on
+    each other made these tests about 3x slower (measured); one thread is as fast when the machine is idle
+    for work this small."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def free_port() -> int:

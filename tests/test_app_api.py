@@ -5,14 +5,20 @@ import threading
 
 import pytest
 
-from app_support import launch, make_lab
+from app_support import launch, make_lab, one_torch_thread
 
 pytestmark = [pytest.mark.api, pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")]  # from gradio's queue
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    with one_torch_thread():
+        yield
+
+
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, resnet20):
-    demo, url = launch(make_lab(tmp_path_factory, resnet20))
+def served(tmp_path_factory, request):
+    demo, url = launch(make_lab(tmp_path_factory, request))
     yield url
     demo.close()
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from app_support import launch, make_lab
+from app_support import launch, make_lab, one_torch_thread
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -21,9 +21,15 @@ pytestmark = [pytest.mark.browser, pytest.mark.filterwarnings("ignore::pandas.er
               pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium")]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    with one_torch_thread():
+        yield
+
+
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, resnet20):
-    lab = make_lab(tmp_path_factory, resnet20)
+def served(tmp_path_factory, request):
+    lab = make_lab(tmp_path_factory, request)
     demo, url = launch(lab)
     yield url, lab
     demo.close()

@@ -12,13 +12,19 @@ import gradio as gr
 import pytest
 
 from app import Handlers
-from app_support import make_lab
+from app_support import make_lab, one_torch_thread
 from editcore import CLASSES, load_checkpoint
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    with one_torch_thread():
+        yield
+
+
 @pytest.fixture(scope="module")
-def handlers(tmp_path_factory, resnet20):
-    return Handlers(make_lab(tmp_path_factory, resnet20))
+def handlers(tmp_path_factory, request):
+    return Handlers(make_lab(tmp_path_factory, request))
 
 
 def request(name: str):

@@ -10,14 +10,20 @@ import pytest
 import torch
 from PIL import Image
 
-from app_support import make_lab
+from app_support import make_lab, one_torch_thread
 from editcore import (CLASSES, SOURCE_TEST, SOURCE_UPLOADS, BrowseQuery, EditSettings, ImageError, ImageRef,
                       SettingsError, compare_fixes, decode_image, load_checkpoint, normalize, read_log)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    with one_torch_thread():
+        yield
+
+
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory, resnet20):
-    return make_lab(tmp_path_factory, resnet20)
+def lab(tmp_path_factory, request):
+    return make_lab(tmp_path_factory, request)
 
 
 _keys = iter(range(10**6))
