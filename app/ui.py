@@ -45,9 +45,12 @@ def user_errors(fn):
     return wrapper
 
 
-def _suggested_lr(shared, editor: str) -> float:
-    """The model's suggested rate, to 4 significant digits so the field reads well."""
-    return float(f"{shared.suggested_lr(editor):.4g}")
+def _lr_field(shared, editor: str):
+    """The learning-rate field for a model and editor: the tuned default, and the learned rate as a hint."""
+    learned = shared.learned_lr(editor)
+    hint = f"default for {EDITOR_LABELS[editor]}" + (
+        f"; editable training learned {learned:.3g} for this model: try it and compare" if learned else "")
+    return gr.update(value=EDITORS[editor].default_lr, info=hint)
 
 
 def _session_key(request) -> str:
@@ -126,7 +129,7 @@ class Handlers:
         shared = self.lab.models[ws.model]
         image, _, _, target = self._selection_outputs(ws)
         state = self._state_outputs(ws, "No edits yet: pick an image, choose its correct label and press **Apply edit**.")
-        return (gr.update(value=ws.model), gr.update(value=_suggested_lr(shared, "rmsprop")),
+        return (gr.update(value=ws.model), _lr_field(shared, "rmsprop"),
                 gr.update(choices=list(shared.layer_choices), value=shared.default_layers), image, target, *state)
 
     def unload(self, request: gr.Request):
@@ -171,14 +174,14 @@ class Handlers:
         ws = self.workspace(request)
         session = ws.use_model(model)
         shared = self.lab.models[model]
-        return (gr.update(value=_suggested_lr(shared, "rmsprop")), gr.update(value="rmsprop"),
+        return (_lr_field(shared, "rmsprop"), gr.update(value="rmsprop"),
                 gr.update(choices=list(shared.layer_choices), value=session.layers),
                 *self._state_outputs(ws, f"Showing the {model} model ({len(session.history)} edit(s) in this session)."))
 
     def suggest_lr(self, model: str, editor: str):
         if model not in self.lab.models or editor not in EDITORS:
             return gr.update()
-        return gr.update(value=_suggested_lr(self.lab.models[model], editor))
+        return _lr_field(self.lab.models[model], editor)
 
     @user_errors
     def apply_edit(self, target: str, model: str, editor: str, lr: float, max_steps: float, layers: str,
@@ -364,8 +367,7 @@ def build_demo(lab: Lab) -> gr.Blocks:
                 with gr.Row():
                     editor = gr.Dropdown([(v, k) for k, v in EDITOR_LABELS.items()], value="rmsprop", label="Editor",
                                          elem_id="editor")
-                    lr = gr.Number(value=_suggested_lr(first, "rmsprop"), label="Learning rate", elem_id="lr",
-                                   info="defaults to the rate the editable model learned")
+                    lr = gr.Number(value=EDITORS["rmsprop"].default_lr, label="Learning rate", elem_id="lr")
                 with gr.Row():
                     max_steps = gr.Number(value=10, label="Max steps", elem_id="max-steps")
                     layers = gr.Dropdown(list(first.layer_choices), value=first.default_layers, label="Editable layers",

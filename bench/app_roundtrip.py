@@ -7,7 +7,7 @@ the full 10,000 CIFAR-10 test images.
 Each configuration starts `python app.py` in a subprocess on a free port and opens one gradio_client
 session (download_files=False: a client fetches thumbnails only when it shows them). It walks the test
 images with /select_image, and for each one the model gets wrong it applies the page's default edit (the
-true label, the editable model, its learned RMSProp editor, 10 steps) through /apply_edit and times that
+true label, the editable model, RMSProp at its default rate, 10 steps) through /apply_edit and times that
 call; /undo (not timed) then restores the unedited model, so every edit starts from the same weights.
 The first edit is a warm-up and is not counted. Prints every figure and writes the "app" section of
 docs/PERFORMANCE.md (other sections are left alone).
@@ -114,7 +114,7 @@ def check_precision(checkpoint: Path, data_root: str | None, n_edits: int) -> tu
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from editcore import SharedModel, create_editor, draw_edits, edit, load_cifar10, load_sample, normalize
+    from editcore import EDITORS, SharedModel, draw_edits, edit, load_cifar10, load_sample, normalize
     from editcore.session import MARGIN_ABS, MARGIN_REL
 
     test = load_cifar10("test", data_root) if data_root else load_sample()
@@ -123,7 +123,7 @@ def check_precision(checkpoint: Path, data_root: str | None, n_edits: int) -> tu
     layers = mixed.default_layers
     rows, targets = draw_edits(test, n_edits, seed=0)
     params_list = [None] + [edit(mixed.editable(layers), normalize(test.images[r : r + 1]), torch.tensor([t]),
-                                 mixed.make_editor("rmsprop", mixed.suggested_lr("rmsprop")), 10).params
+                                 mixed.make_editor("rmsprop", EDITORS["rmsprop"].default_lr), 10).params
                             for r, t in zip(rows, targets)]
     equal, recomputed = True, []
     for params in params_list:
@@ -185,7 +185,7 @@ def main() -> int:
         "",
         "Apply-edit round trip through gradio_client against `python app.py` in a subprocess: one /apply_edit",
         "call = edit + re-evaluation of the held-out set + accuracy plot + flip-set galleries + augmented views",
-        "+ the refreshed browse page. The page's default edit (true label, editable model, learned RMSProp, 10",
+        "+ the refreshed browse page. The page's default edit (true label, editable model, RMSProp, 10",
         "steps) on misclassified test images, each from the unedited model (/undo between edits), first one",
         "not counted.",
         "",

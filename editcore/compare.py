@@ -1,7 +1,8 @@
 """The teaching view's numbers: one correction, fixed by every method, each from its unedited model.
 
 Methods: a lookup table (exact match, and nearest neighbour in pixel space) and fine-tuning on the
-baseline-trained model, and the gradient editor on every loaded model (baseline- and editable-trained).
+baseline-trained model, and the gradient editor on every loaded model (baseline- and editable-trained)
+at the editor's tuned default rate, and at the rate editable training learned where there is one.
 For each: success, steps, time, held-out accuracy before and after, how many held-out predictions
 the fix corrected or broke, and its predictions on augmented views of the image (does it generalise?).
 """
@@ -14,6 +15,7 @@ import torch
 
 from .augment_views import augmented_views
 from .data import ImageSet
+from .editors import EDITORS
 from .fixers import EditorFixer, FinetuneFixer, Fixer, LookupFixer
 from .session import SettingsError, SharedModel
 
@@ -79,13 +81,17 @@ def compare_fixes(models: dict[str, SharedModel], image: torch.Tensor, target: i
          lambda: FinetuneFixer(practical.model, replay, FINETUNE_REPLAY if replay is not None else 0,
                                max_steps=finetune_steps)),
     ]
+    lr = EDITORS[editor].default_lr
     for name, shared in models.items():
-        lr = shared.suggested_lr(editor)
-        learned = shared.learned_editor is not None and shared.learned_editor.name == editor
-        plans.append((f"Editor on the {name} model", f"{editor}, lr {lr:.3g}{' (learned)' if learned else ''}, "
-                      f"up to {max_steps} steps on {shared.default_layers}", shared,
-                      lambda shared=shared, lr=lr: EditorFixer(shared.editable(shared.default_layers),
-                                                               shared.make_editor(editor, lr), max_steps)))
+        plans.append((f"Editor on the {name} model", f"{editor}, lr {lr:.3g} (the tuned default), up to {max_steps} "
+                      f"steps on {shared.default_layers}", shared,
+                      lambda shared=shared: EditorFixer(shared.editable(shared.default_layers),
+                                                        shared.make_editor(editor, lr), max_steps)))
+        if shared.learned_lr(editor) is not None:
+            plans.append((f"Editor on the {name} model, learned rate", f"{editor} as editable training learned it "
+                          f"(lr {shared.learned_lr(editor):.3g}), up to {max_steps} steps on {shared.default_layers}",
+                          shared, lambda shared=shared: EditorFixer(shared.editable(shared.default_layers),
+                                                                    shared.learned_editor, max_steps)))
     outcomes = []
     for i, (title, detail, shared, make) in enumerate(plans):
         progress(i / len(plans), title)

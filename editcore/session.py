@@ -1,7 +1,7 @@
 """Interactive editing: one user's stack of edits over a base model that every user shares.
 
 A `SharedModel` is loaded once per checkpoint: the base module, the editor it learned (editable
-training), and held-out evaluators that cache the activations entering the first edited stage.
+training, if any), and held-out evaluators that cache the activations entering the first edited stage.
 An `EditSession` holds only what one user changed: a stack of replacement-parameter dicts (one per
 applied edit), the held-out probabilities under each, and the history. Apply pushes, undo pops,
 reset clears; the base weights never change.
@@ -84,9 +84,9 @@ def _number(value, name: str) -> float:
 
 @dataclass(frozen=True)
 class EditSettings:
-    """How to edit. lr None: the learned rate when the checkpoint's editor is this one, else the
-    editor's default; layers '' : the checkpoint's editable layers; max_drop None: no guardrail,
-    else the largest held-out accuracy drop (percentage points) an edit may cause and be kept."""
+    """How to edit. lr None: the editor's default (tuned) rate, the same for every model; layers '':
+    the checkpoint's editable layers; max_drop None: no guardrail, else the largest held-out accuracy
+    drop (percentage points) an edit may cause and be kept."""
 
     editor: str = "rmsprop"
     lr: float | None = None
@@ -98,7 +98,7 @@ class EditSettings:
         """Validated settings with every default filled in; raises SettingsError."""
         if self.editor not in EDITORS:
             raise SettingsError(f"editor must be one of {', '.join(EDITORS)}, got {self.editor!r}")
-        lr = shared.suggested_lr(self.editor) if self.lr in (None, "") else _number(self.lr, "learning rate")
+        lr = EDITORS[self.editor].default_lr if self.lr in (None, "") else _number(self.lr, "learning rate")
         if not 0 < lr <= MAX_LR:
             raise SettingsError(f"learning rate must be > 0 and <= {MAX_LR}, got {lr:g}")
         steps = _number(self.max_steps, "max steps")
@@ -142,17 +142,16 @@ class SharedModel:
         accuracy = self.card.get("test_accuracy")
         return text if accuracy is None else f"{text}, test accuracy {accuracy:.1%}"
 
-    def suggested_lr(self, editor: str) -> float:
+    def learned_lr(self, editor: str) -> float | None:
+        """The rate editable training learned for this editor, if this checkpoint learned it. Only shown,
+        never the default: the shipped editable model's learned RMSProp rate costs ~60 points of
+        held-out accuracy per edit (docs/RESULTS.md), the tuned default ~11."""
         if self.learned_editor is not None and self.learned_editor.name == editor:
             return self.learned_editor.hyperparameters()["lr"]
-        return EDITORS[editor].default_lr
+        return None
 
     def make_editor(self, name: str, lr: float) -> Editor:
-        """`name` at `lr`, with the learned betas when the checkpoint learned this editor."""
-        betas = {}
-        if self.learned_editor is not None and self.learned_editor.name == name:
-            betas = {k: v for k, v in self.learned_editor.hyperparameters().items() if k != "lr"}
-        return create_editor(name, lr=lr, **betas).to(self.device)
+        return create_editor(name, lr=lr).to(self.device)
 
     def editable(self, layers: str) -> EditableModel:
         with self.lock:

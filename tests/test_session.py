@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from app_support import make_lab, one_torch_thread
-from editcore import (CLASSES, SOURCE_TEST, SOURCE_UPLOADS, BrowseQuery, EditSettings, ImageError, ImageRef,
+from editcore import (CLASSES, EDITORS, SOURCE_TEST, SOURCE_UPLOADS, BrowseQuery, EditSettings, ImageError, ImageRef,
                       SettingsError, compare_fixes, decode_image, load_checkpoint, normalize, read_log)
 
 
@@ -276,8 +276,13 @@ def test_compare_runs_every_method_from_the_unedited_models(ws, lab):
     views, outcomes = compare_fixes(lab.models, item.image, item.label, "rmsprop", 20, replay=None, finetune_steps=20)
     titles = [o.title for o in outcomes]
     assert titles == ["Lookup table, exact match", "Lookup table, nearest neighbour", "Fine-tuning",
-                      "Editor on the baseline model", "Editor on the editable model"]
+                      "Editor on the baseline model", "Editor on the editable model",
+                      "Editor on the editable model, learned rate"]
     assert len(views) == 16 and all(len(o.views_after) == 16 for o in outcomes)
+    learned = lab.models["editable"].learned_editor.hyperparameters()
+    assert outcomes[-1].hyperparameters["lr"] == pytest.approx(learned["lr"])
+    assert outcomes[-2].hyperparameters["lr"] == outcomes[-3].hyperparameters["lr"] == \
+        pytest.approx(EDITORS["rmsprop"].default_lr)
     exact = outcomes[0]
     # The lookup table changes no weights: only the stored image itself (it is in the held-out set) changes.
     assert exact.success and exact.n_broken == 0 and exact.n_fixed == 1
