@@ -35,6 +35,19 @@ def served(tmp_path_factory, request):
     demo.close()
 
 
+def wait_for_selection_other_than(info, image_id: str) -> str:
+    """The selection panel's text once it describes another image (while an event runs, the panel keeps
+    the old text under a progress timer, so a plain 'text changed' wait can fire too early)."""
+    deadline = time.time() + TIMEOUT_MS / 1000
+    while time.time() < deadline:
+        text = info.inner_text()
+        found = re.search(r"#(\d+)", text)
+        if found and found.group(1) != image_id and "true label" in text:
+            return text
+        time.sleep(0.1)
+    raise AssertionError(f"the selection did not change from image {image_id}")
+
+
 def test_fix_a_misclassified_image_in_the_browser(served, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api")
     url, lab = served
@@ -50,11 +63,11 @@ def test_fix_a_misclassified_image_in_the_browser(served, tmp_path):
             thumbnails.first.wait_for()
             info = page.locator("#selected-info")
             sync_api.expect(info).to_contain_text("misclassified")
-            first_info = info.inner_text()
+            first_image = re.search(r"#(\d+)", info.inner_text()).group(1)
             thumbnails.nth(1).click()  # the gallery shows misclassified images only, by default
-            sync_api.expect(info).not_to_have_text(first_info)
-            sync_api.expect(info).to_contain_text("misclassified")
-            true_label = re.search(r"true label:\s*(\w+)", info.inner_text()).group(1)
+            text = wait_for_selection_other_than(info, first_image)
+            assert "misclassified" in text
+            true_label = re.search(r"true label:\s*(\w+)", text).group(1)
 
             page.locator("#target input").click()
             page.get_by_role("option", name=true_label, exact=True).click()
@@ -63,7 +76,8 @@ def test_fix_a_misclassified_image_in_the_browser(served, tmp_path):
             page.locator("#apply").click()
 
             status = page.locator("#status")
-            sync_api.expect(status).to_contain_text("Applied")
+            sync_api.expect(status).to_contain_text("Applied: Edit 1 applied")
+            sync_api.expect(status).to_contain_text(f"Reached {true_label} in")
             page.locator("#accuracy-plot img").wait_for()
             page.locator("#fixed-gallery .thumbnail-item").first.wait_for()  # the edited image itself is held out
             sync_api.expect(page.locator("#views figure")).to_have_count(16)
