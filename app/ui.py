@@ -237,7 +237,7 @@ class Handlers:
         _, image, _ = ws.selected()
         progress(0.0, desc="loading training images for fine-tuning's replay")
         views, outcomes = compare_fixes(self.lab.models, image, CLASSES.index(target), settings.editor,
-                                        settings.max_steps, self.lab.replay_set(),
+                                        settings.max_steps, self.lab.replay_set(), patched=ws.model,
                                         progress=lambda fraction, stage: progress(fraction, desc=stage))
         return render.compare_html(views, self.view_names, outcomes, CLASSES.index(target)), \
             [o.to_dict() for o in outcomes]
@@ -407,8 +407,9 @@ def build_demo(lab: Lab) -> gr.Blocks:
                     history_button = gr.Button("Refresh", size="sm")
                     history_json = gr.JSON()
             with gr.Tab("Compare methods"):
-                gr.Markdown("Correct the selected image to the chosen label with a lookup table, fine-tuning and "
-                            "the editor on each model, side by side. Your session's edits are not changed.")
+                gr.Markdown("Correct the selected image to the chosen label with a lookup table and fine-tuning (of "
+                            "the model on screen) and the editor on each model, side by side, each from the unedited "
+                            "weights. Your session's edits are not changed.")
                 compare_button = gr.Button("Compare methods on the selected image", variant="primary",
                                            elem_id="compare")
                 compare_table = gr.HTML(elem_id="compare-table")

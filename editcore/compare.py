@@ -1,7 +1,7 @@
 """The teaching view's numbers: one correction, fixed by every method, each from its unedited model.
 
-Methods: a lookup table (exact match, and nearest neighbour in pixel space) and fine-tuning on the
-baseline-trained model, and the gradient editor on every loaded model (baseline- and editable-trained)
+Methods: a lookup table (exact match, and nearest neighbour in pixel space) and fine-tuning of one
+model (the one the user is looking at), and the gradient editor on every loaded model (baseline- and editable-trained)
 at the editor's tuned default rate, and at the rate editable training learned where there is one.
 For each: success, steps, time, held-out accuracy before and after, how many held-out predictions
 the fix corrected or broke, and its predictions on augmented views of the image (does it generalise?).
@@ -62,20 +62,24 @@ def _run(title: str, detail: str, shared: SharedModel, fixer: Fixer, image: torc
 
 
 def compare_fixes(models: dict[str, SharedModel], image: torch.Tensor, target: int, editor: str, max_steps: int,
-                  replay: ImageSet | None = None, finetune_steps: int = FINETUNE_STEPS,
+                  replay: ImageSet | None = None, finetune_steps: int = FINETUNE_STEPS, patched: str | None = None,
                   progress: Callable[[float, str], None] = lambda f, s: None) -> tuple[torch.Tensor, list[MethodOutcome]]:
     """Fix `image` (uint8 (3,H,W)) to `target` with every method; returns (augmented views, outcomes).
-    `replay`: training images that fine-tuning mixes in (None: fine-tune on the corrected image alone)."""
+    `replay`: training images that fine-tuning mixes in (None: fine-tune on the corrected image alone).
+    `patched`: the model the lookup tables and fine-tuning fix (default: 'baseline', else the first)."""
     if not models:
         raise SettingsError("no model is loaded")
+    patched = patched or ("baseline" if "baseline" in models else next(iter(models)))
+    if patched not in models:
+        raise SettingsError(f"model must be one of {', '.join(models)}, got {patched!r}")
     views = augmented_views(image)
-    practical = models.get("baseline") or next(iter(models.values()))
+    practical = models[patched]
     plans: list[tuple[str, str, SharedModel, Callable[[], Fixer]]] = [
-        ("Lookup table, exact match", "overrides the prediction only for this exact image", practical,
-         lambda: LookupFixer(practical.model, "exact")),
-        ("Lookup table, nearest neighbour", "overrides it for images within a small pixel distance", practical,
-         lambda: LookupFixer(practical.model, "nearest", "pixel")),
-        ("Fine-tuning", f"SGD on all weights, up to {finetune_steps} steps, " +
+        (f"Lookup table, exact match ({patched} model)", "overrides the prediction only for this exact image",
+         practical, lambda: LookupFixer(practical.model, "exact")),
+        (f"Lookup table, nearest neighbour ({patched} model)", "overrides it for images within a small pixel distance",
+         practical, lambda: LookupFixer(practical.model, "nearest", "pixel")),
+        (f"Fine-tuning ({patched} model)", f"SGD on all weights, up to {finetune_steps} steps, " +
          (f"{FINETUNE_REPLAY} replayed training images per step" if replay is not None
           else "no replay (no training data loaded: pass --data-root)"), practical,
          lambda: FinetuneFixer(practical.model, replay, FINETUNE_REPLAY if replay is not None else 0,

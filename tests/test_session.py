@@ -275,8 +275,8 @@ def test_compare_runs_every_method_from_the_unedited_models(ws, lab):
     item = first_misclassified(ws)
     views, outcomes = compare_fixes(lab.models, item.image, item.label, "rmsprop", 20, replay=None, finetune_steps=20)
     titles = [o.title for o in outcomes]
-    assert titles == ["Lookup table, exact match", "Lookup table, nearest neighbour", "Fine-tuning",
-                      "Editor on the baseline model", "Editor on the editable model",
+    assert titles == ["Lookup table, exact match (baseline model)", "Lookup table, nearest neighbour (baseline model)",
+                      "Fine-tuning (baseline model)", "Editor on the baseline model", "Editor on the editable model",
                       "Editor on the editable model, learned rate"]
     assert len(views) == 16 and all(len(o.views_after) == 16 for o in outcomes)
     learned = lab.models["editable"].learned_editor.hyperparameters()
