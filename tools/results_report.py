@@ -213,6 +213,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("work")
     ap.add_argument("--doc", default="docs/RESULTS.md")
+    ap.add_argument("--summary", default="docs/results_summary.md", help="hand-written verdict placed at the top")
     ap.add_argument("--followup", default="docs/runs/cpu_followup", help="folder of the CPU follow-up run's card and JSON")
     args = ap.parse_args()
     work, doc = Path(args.work), Path(args.doc)
@@ -221,6 +222,9 @@ def main():
              "Every number below was read from the JSON a run printed; `tools/results_report.py` wrote this page from",
              "the run folder of `tools/paper_pipeline.py --scale full` (see the end of the page for how it ran).",
              "N = number of seeded edits, M = number of held-out images each edit was scored on.", ""]
+    summary = Path(args.summary)
+    if summary.exists():  # the hand-written verdict, kept beside the generated tables
+        lines += summary.read_text().splitlines() + [""]
     lines += ["## Models", "", "| checkpoint | arch | objective | epochs | test acc (10k) | acc, exact test 0-999 | train time | device |",
               "|---|---|---|---|---|---|---|---|"]
     for path in sorted((work / "ckpt").glob("*.json")):
