@@ -5,6 +5,7 @@ Loading reads tensors and JSON only, never a pickle, so a checkpoint from anyone
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,14 +28,16 @@ class Checkpoint:
 
 
 def git_commit() -> str:
+    """HEAD (+ '-dirty'), or $EDITLAB_GIT_COMMIT for a copy of the tree without .git (a remote GPU machine)."""
+    fallback = os.environ.get("EDITLAB_GIT_COMMIT", "unknown")
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
                                text=True, timeout=5, cwd=Path(__file__).resolve().parent).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else fallback
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return fallback
 
 
 def card_path(path: str | Path) -> Path:

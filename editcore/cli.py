@@ -83,6 +83,7 @@ def cmd_train(args) -> int:
         init_model, match_ranks = rank_targets_from_nae(args, init_model, device)
         config.edit_targets, config.rank_probs = "match-ranks", match_ranks["rank_probs"]
     torch.manual_seed(args.seed)
+    commit = git_commit()  # the code that trains, not whatever HEAD is when training ends
     say(f"training {args.arch} on {len(train_set)} images, device {device}, "
         f"{'editable' if args.editable else 'baseline'} objective")
     model, editor, summary = train(config, train_set, test_set, device, init_model, init_editor, log=say)
@@ -102,7 +103,7 @@ def cmd_train(args) -> int:
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "git_commit": git_commit(),
+        "git_commit": commit,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "train_config": summary["config"],
         "history": summary["history"],

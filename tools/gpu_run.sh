@@ -14,4 +14,6 @@ wait
 cp .gpudata/b/batches.meta /tmp/cifar/cifar-10-batches-py/
 ls -la /tmp/cifar/cifar-10-batches-py
 export EDITLAB_DATA=/tmp/cifar
+# The device copy has no .git: pass the commit in, e.g. `EDITLAB_GIT_COMMIT=$(git rev-parse HEAD) bash tools/gpu_run.sh`
+export EDITLAB_GIT_COMMIT="${EDITLAB_GIT_COMMIT:-unknown}"
 python3 tools/paper_pipeline.py --scale full --device cuda --work /tmp/work --out "$OUT" --deadline-s "${DEADLINE:-510}" 2>&1 | tee "$OUT/pipeline.log"
