@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import shlex
 import socket
 import statistics
@@ -29,8 +28,9 @@ from pathlib import Path
 
 import httpx
 
+from report import REPORT, write_section  # bench/ is on sys.path when run as a script
+
 ROOT = Path(__file__).resolve().parent.parent
-REPORT = ROOT / "docs" / "PERFORMANCE.md"
 TARGET_10K_S = 1.5
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -136,15 +136,6 @@ def check_precision(checkpoint: Path, data_root: str | None, n_edits: int) -> tu
     return equal, len(test) * len(params_list), statistics.mean(recomputed)
 
 
-def write_section(text: str) -> None:
-    """Replace (or append) the '## app' section of docs/PERFORMANCE.md, leaving other sections alone."""
-    current = REPORT.read_text() if REPORT.exists() else "# Performance\n"
-    section = re.compile(r"^## app\b.*?(?=^## |\Z)", re.S | re.M)
-    new = section.sub(lambda _: text, current) if section.search(current) else current.rstrip("\n") + "\n\n" + text
-    REPORT.parent.mkdir(parents=True, exist_ok=True)
-    REPORT.write_text(new)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--edits", type=int, default=15, help="timed edits per configuration")
@@ -217,7 +208,7 @@ def main() -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_write:
-        write_section(text)
+        write_section("app", text)
         print(f"wrote the app section of {REPORT.relative_to(ROOT)}")
     return 0
 

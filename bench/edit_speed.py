@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import shlex
 import statistics
 import sys
@@ -24,6 +23,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from report import REPORT, write_section  # bench/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -33,7 +34,6 @@ from editcore import (DEFAULT_ARCH, EditableModel, HeldOutEvaluator, create_edit
                       normalize, resolve_data_root)
 
 CHECKPOINT = ROOT / "assets" / f"{DEFAULT_ARCH}_baseline.safetensors"
-REPORT = ROOT / "docs" / "PERFORMANCE.md"
 HELDOUT_SIZE = 10_000
 TARGETS = {"edit_ms": 30.0, "cached_s": 1.0, "speedup": 3.0}
 
@@ -129,15 +129,6 @@ def cpu_name() -> str:
 
 def load_average() -> str:
     return ", ".join(f"{x:.1f}" for x in os.getloadavg())
-
-
-def write_section(text: str) -> None:
-    """Replace (or append) the '## editcore' section of docs/PERFORMANCE.md, leaving other sections alone."""
-    current = REPORT.read_text() if REPORT.exists() else "# Performance\n"
-    section = re.compile(r"^## editcore\b.*?(?=^## |\Z)", re.S | re.M)
-    new = section.sub(lambda _: text, current) if section.search(current) else current.rstrip("\n") + "\n\n" + text
-    REPORT.parent.mkdir(parents=True, exist_ok=True)
-    REPORT.write_text(new)
 
 
 def main() -> int:
@@ -247,7 +238,7 @@ Python {platform.python_version()}, device cpu. Load average (1, 5, 15 min) befo
 
 """
     if not args.no_write:
-        write_section(text)
+        write_section("editcore", text)
         print(f"wrote the editcore section of {shown(REPORT)}")
     return 0 if identical else 1
 
