@@ -2,7 +2,6 @@
 trained ResNet-20) and the app served from the test process on a free port."""
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 from pathlib import Path
@@ -46,19 +45,6 @@ def make_lab(tmp_path_factory, request) -> Lab:
     finally:
         if saved is not None:
             os.environ["EDITLAB_DATA"] = saved
-
-
-@contextlib.contextmanager
-def one_torch_thread():
-    """Run torch on one thread meanwhile: on cores shared with other jobs, two threads that wait on
-    each other made these tests about 3x slower (measured); one thread is as fast when the machine is idle
-    for work this small."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def free_port() -> int:

@@ -52,3 +52,14 @@ def resnet20(sample):
     config = TrainConfig(arch="resnet20", epochs=1, batch_size=100, seed=0)
     model, _, _ = train(config, sample, None, "cpu", log=lambda *_: None)
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run torch on one thread for a module: on cores shared with other jobs, two threads that wait on
+    each other made the app tests about 3x slower (measured); one thread is as fast when the machine is
+    idle for work this small."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

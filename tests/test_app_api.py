@@ -5,15 +5,11 @@ import threading
 
 import pytest
 
-from app_support import launch, make_lab, one_torch_thread
+from app_support import launch, make_lab
 
-pytestmark = [pytest.mark.api, pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")]  # from gradio's queue
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.api, pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")]  # from gradio's queue
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with one_torch_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -10,21 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from app_support import launch, make_lab, one_torch_thread
+from app_support import launch, make_lab
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TIMEOUT_MS = 90_000  # generous: the test machine's cores are shared
 
-pytestmark = [pytest.mark.browser, pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning"),
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.browser, pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning"),
               pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with one_torch_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

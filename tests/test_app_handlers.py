@@ -12,14 +12,12 @@ import gradio as gr
 import pytest
 
 from app import Handlers
-from app_support import make_lab, one_torch_thread
+from app_support import make_lab
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 from editcore import CLASSES, load_checkpoint
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with one_torch_thread():
-        yield
 
 
 @pytest.fixture(scope="module")
