@@ -9,8 +9,6 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
-
 from editcore import Lab, create_editor, save_checkpoint  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
