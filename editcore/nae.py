@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import ImageSet, normalize
-from .edit import eval_mode
+from .data import ImageSet
+from .fixers import full_logits
 
 HELDOUT = (0, 5000)  # test indices [start, stop): drawdown is measured here; holds the pixel-exact 0-999
 NAE_POOL = (5000, 10000)  # test indices [start, stop): filtration candidates
@@ -45,12 +45,9 @@ def pool_part(test_set: ImageSet) -> ImageSet:
     return _in_range(test_set, NAE_POOL)
 
 
-@torch.no_grad()
 def predict_logits(model: nn.Module, images: torch.Tensor, device, batch_size: int = 1000) -> torch.Tensor:
     """Logits for uint8 images, batch norm in eval mode, computed on `device`, returned on the CPU."""
-    with eval_mode(model):
-        return torch.cat([model(normalize(images[i : i + batch_size].to(device))).float().cpu()
-                          for i in range(0, len(images), batch_size)])
+    return full_logits(model, images.to(device), None, batch_size).float().cpu()
 
 
 def filter_predictions(filter_models: Sequence[nn.Module], pool: ImageSet, device, batch_size: int = 1000) -> torch.Tensor:

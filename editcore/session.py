@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.func import functional_call
 
 from .augment_views import augmented_views, view_specs
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import CLASSES, ImageSet, normalize
 from .edit import EditableModel, edit, eval_mode
 from .editors import EDITORS, Editor, Params, create_editor
+from .fixers import full_logits
 from .metrics import HeldOutEvaluator
 from .models import default_editable_prefix
 
@@ -194,13 +194,8 @@ class SharedModel:
         """Class probabilities (N, classes) of uint8 images through the whole model (CPU)."""
         if len(images) == 0:
             return torch.empty(0, len(CLASSES))
-        with self.lock, eval_mode(self.model):
-            out = []
-            for i in range(0, len(images), EVAL_BATCH):
-                x = normalize(images[i : i + EVAL_BATCH].to(self.device))
-                logits = functional_call(self.model, params, (x,)) if params else self.model(x)
-                out.append(torch.softmax(logits, 1).cpu())
-            return torch.cat(out)
+        with self.lock:
+            return torch.softmax(full_logits(self.model, images.to(self.device), params, EVAL_BATCH), 1).cpu()
 
     def base_source_probabilities(self, key: str, images: torch.Tensor) -> torch.Tensor:
         """Base-model probabilities of a fixed browse source, computed once for all sessions."""
