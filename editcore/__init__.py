@@ -1,6 +1,7 @@
 """editcore: Editable Neural Networks (Sinitsin et al., ICLR 2020) as a GUI-free library."""
 from .checkpoint import Checkpoint, load_checkpoint, read_card, save_checkpoint
-from .data import CLASSES, DataError, ImageSet, augment, load_cifar10, load_sample, normalize, resolve_data_root
+from .data import (CLASSES, DataError, ImageSet, augment, load_cifar10, load_sample, load_train_sample, normalize,
+                   resolve_data_root)
 from .device import pick_device
 from .edit import EditableModel, EditResult, edit, edit_loss, eval_mode
 from .augment_views import augmented_views, generalization, view_families, view_specs

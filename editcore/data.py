@@ -21,6 +21,7 @@ TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCHES = ("test_batch",)
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SAMPLE_PATH = ASSETS / "cifar10_test_sample.npz"
+TRAIN_SAMPLE_PATH = ASSETS / "cifar10_train_sample.npz"
 DOWNLOAD_HINT = (
     "To download CIFAR-10 (needs internet): python -m editcore download-cifar10 --data-root DIR"
 )
@@ -91,15 +92,21 @@ def load_cifar10(split: str, data_root: str | os.PathLike | None = None) -> Imag
     return ImageSet(images, labels, torch.arange(len(labels)), f"cifar10-{split}")
 
 
-def load_sample(path: Path = SAMPLE_PATH) -> ImageSet:
+def load_sample(path: Path = SAMPLE_PATH, source: str = "cifar10-test-sample") -> ImageSet:
     """The embedded CIFAR-10 test sample shipped in assets/ (see assets/README.md)."""
     with np.load(path, allow_pickle=False) as npz:
         return ImageSet(
             torch.from_numpy(npz["images"].copy()),
             torch.from_numpy(npz["labels"].astype(np.int64)),
             torch.from_numpy(npz["indices"].astype(np.int64)),
-            "cifar10-test-sample",
+            source,
         )
+
+
+def load_train_sample() -> ImageSet:
+    """The shipped class-balanced sample of 2,000 CIFAR-10 training images (assets/README.md): replay
+    and anchor images wherever the full training set is not loaded."""
+    return load_sample(TRAIN_SAMPLE_PATH, "cifar10-train-sample")
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
