@@ -89,19 +89,36 @@ def summarize(records: list[EditRecord], base_error: float) -> dict:
     return summary
 
 
-def draw_edits(edit_set: ImageSet, n_edits: int, seed: int, targets: str = "random", classes: int = 10):
-    """Seeded (row, target) pairs. 'random': uniform over all classes, so a target may equal the
-    true label (as in the paper's code; such an edit can succeed in 0 steps). 'true': true labels."""
+TARGET_KINDS = ("random", "other", "true", "corrections")
+
+
+def draw_edits(edit_set: ImageSet, n_edits: int, seed: int, targets: str = "random", classes: int = 10,
+               predictions: torch.Tensor | None = None):
+    """Seeded (row, target) pairs.
+
+    'random': uniform over all classes, so a target may equal the true label (the paper's code; such an
+    edit succeeds in 0 steps). 'other': uniform over the nine other classes (the locality benchmark's R).
+    'true': true labels. 'corrections': rows the model gets wrong (`predictions`, one per row), each to
+    its true label (the locality benchmark's C); at most as many as there are mistakes.
+    """
+    if targets not in TARGET_KINDS:
+        raise ValueError(f"targets must be one of {TARGET_KINDS}, not {targets!r}")
     gen = torch.Generator().manual_seed(seed)
+    if targets == "corrections":
+        if predictions is None or len(predictions) != len(edit_set):
+            raise ValueError("'corrections' needs the model's predictions, one per row of the edit set")
+        wrong = torch.nonzero(predictions.cpu() != edit_set.labels.cpu()).view(-1)
+        rows = wrong[torch.randperm(len(wrong), generator=gen)[:n_edits]]
+        return rows.tolist(), edit_set.labels.cpu()[rows].tolist()
     n = min(n_edits, len(edit_set)) if targets == "true" else n_edits
     rows = torch.randperm(len(edit_set), generator=gen)[:n] if n <= len(edit_set) else \
         torch.randint(0, len(edit_set), (n,), generator=gen)
     if targets == "random":
         chosen = torch.randint(0, classes, (n,), generator=gen)
-    elif targets == "true":
-        chosen = edit_set.labels[rows].cpu()
+    elif targets == "other":
+        chosen = (edit_set.labels.cpu()[rows] + torch.randint(1, classes, (n,), generator=gen)) % classes
     else:
-        raise ValueError(f"targets must be 'random' or 'true', not {targets!r}")
+        chosen = edit_set.labels.cpu()[rows]
     return rows.tolist(), chosen.tolist()
 
 

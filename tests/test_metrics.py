@@ -88,3 +88,21 @@ def test_evaluate_edits_scores_each_edit_from_the_unedited_model(evaluator, samp
         assert record.error_after == evaluator.error(evaluator.predict(result.params))
     assert summary["test_error"] == evaluator.base_error
     assert summary["drawdown"] == pytest.approx(sum(r.error_after for r in records) / 4 - evaluator.base_error)
+
+
+def test_draw_edits_other_never_targets_the_true_label(sample):
+    rows, targets = draw_edits(sample, 300, seed=3, targets="other")
+    assert all(t != int(sample.labels[r]) for r, t in zip(rows, targets))
+    assert len(set(targets)) == 10
+    assert (rows, targets) == draw_edits(sample, 300, seed=3, targets="other")
+
+
+def test_draw_edits_corrections_are_mistakes_to_the_true_label(sample):
+    predictions = sample.labels.clone()
+    predictions[:40:2] = (predictions[:40:2] + 1) % 10  # 20 mistakes
+    rows, targets = draw_edits(sample, 50, seed=0, targets="corrections", predictions=predictions)
+    assert sorted(rows) == list(range(0, 40, 2))
+    assert targets == [int(sample.labels[r]) for r in rows]
+    assert draw_edits(sample, 5, seed=1, targets="corrections", predictions=predictions)[0] != rows[:5]
+    with pytest.raises(ValueError, match="predictions"):
+        draw_edits(sample, 5, seed=0, targets="corrections")
