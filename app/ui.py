@@ -12,12 +12,13 @@ from pathlib import Path
 
 import gradio as gr
 
-from editcore import (CLASSES, EDITORS, SOURCE_TEST, SOURCE_UPLOADS, BrowseQuery, EditSettings, ImageError, ImageRef,
+from editcore import (CLASSES, DEFAULT_EDITOR, EDITORS, SOURCE_TEST, SOURCE_UPLOADS, BrowseQuery, EditSettings, ImageError, ImageRef,
                       Lab, SettingsError, compare_fixes, read_log, view_names)
 
 from . import render
 
-EDITOR_LABELS = {"rmsprop": "RMSProp", "gd": "Gradient descent", "momentum": "Momentum", "adam": "Adam"}
+EDITOR_LABELS = {"local": "Local (one conv, projected)", "rmsprop": "RMSProp", "gd": "Gradient descent",
+                 "momentum": "Momentum", "adam": "Adam"}
 SORT_LABELS = {"index": "image index", "confidence-asc": "confidence, lowest first",
                "confidence-desc": "confidence, highest first", "loss-desc": "loss, highest first"}
 ALL_CLASSES = "all"
@@ -45,12 +46,15 @@ def user_errors(fn):
     return wrapper
 
 
-def _lr_field(shared, editor: str):
-    """The learning-rate field for a model and editor: the tuned default, and the learned rate as a hint."""
+def _editor_fields(shared, editor: str, session_layers: str | None = None):
+    """Learning rate, max steps and layers for a model and editor: the editor's defaults (the learned
+    rate as a hint); the layers stay those of the session's edits while it has any."""
     learned = shared.learned_lr(editor)
-    hint = f"default for {EDITOR_LABELS[editor]}" + (
-        f"; editable training learned {learned:.3g} for this model: try it and compare" if learned else "")
-    return gr.update(value=EDITORS[editor].default_lr, info=hint)
+    hint = ("step scale: 1 = the smallest step that reaches the margin" if editor == "local" else
+            f"default for {EDITOR_LABELS[editor]}" + (
+                f"; editable training learned {learned:.3g} for this model: try it and compare" if learned else ""))
+    return (gr.update(value=EDITORS[editor].default_lr, info=hint), gr.update(value=EDITORS[editor].default_max_steps),
+            gr.update(choices=list(shared.layer_choices), value=session_layers or shared.layers_for(editor)))
 
 
 def _session_key(request) -> str:
@@ -129,8 +133,7 @@ class Handlers:
         shared = self.lab.models[ws.model]
         image, _, _, target = self._selection_outputs(ws)
         state = self._state_outputs(ws, "No edits yet: pick an image, choose its correct label and press **Apply edit**.")
-        return (gr.update(value=ws.model), _lr_field(shared, "rmsprop"),
-                gr.update(choices=list(shared.layer_choices), value=shared.default_layers), image, target, *state)
+        return (gr.update(value=ws.model), *_editor_fields(shared, DEFAULT_EDITOR), image, target, *state)
 
     def unload(self, request: gr.Request):
         self.lab.registry.drop(_session_key(request))
@@ -174,14 +177,14 @@ class Handlers:
         ws = self.workspace(request)
         session = ws.use_model(model)
         shared = self.lab.models[model]
-        return (_lr_field(shared, "rmsprop"), gr.update(value="rmsprop"),
-                gr.update(choices=list(shared.layer_choices), value=session.layers),
+        return (gr.update(value=DEFAULT_EDITOR), *_editor_fields(shared, DEFAULT_EDITOR, session.layers if session.history else None),
                 *self._state_outputs(ws, f"Showing the {model} model ({len(session.history)} edit(s) in this session)."))
 
-    def suggest_lr(self, model: str, editor: str):
+    def editor_changed(self, model: str, editor: str, request: gr.Request):
         if model not in self.lab.models or editor not in EDITORS:
-            return gr.update()
-        return _lr_field(self.lab.models[model], editor)
+            return gr.update(), gr.update(), gr.update()
+        session = self.workspace(request).session(model)
+        return _editor_fields(self.lab.models[model], editor, session.layers if session.history else None)
 
     @user_errors
     def apply_edit(self, target: str, model: str, editor: str, lr: float, max_steps: float, layers: str,
@@ -365,13 +368,14 @@ def build_demo(lab: Lab) -> gr.Blocks:
                 target = gr.Dropdown(list(CLASSES), value=CLASSES[0], label="Correct label (the edit's target)",
                                      elem_id="target")
                 with gr.Row():
-                    editor = gr.Dropdown([(v, k) for k, v in EDITOR_LABELS.items()], value="rmsprop", label="Editor",
-                                         elem_id="editor")
-                    lr = gr.Number(value=EDITORS["rmsprop"].default_lr, label="Learning rate", elem_id="lr")
+                    editor = gr.Dropdown([(v, k) for k, v in EDITOR_LABELS.items()], value=DEFAULT_EDITOR,
+                                         label="Editor", elem_id="editor")
+                    lr = gr.Number(value=EDITORS[DEFAULT_EDITOR].default_lr, label="Learning rate", elem_id="lr")
                 with gr.Row():
-                    max_steps = gr.Number(value=10, label="Max steps", elem_id="max-steps")
-                    layers = gr.Dropdown(list(first.layer_choices), value=first.default_layers, label="Editable layers",
-                                         elem_id="layers")
+                    max_steps = gr.Number(value=EDITORS[DEFAULT_EDITOR].default_max_steps, label="Max steps",
+                                          elem_id="max-steps")
+                    layers = gr.Dropdown(list(first.layer_choices), value=first.layers_for(DEFAULT_EDITOR),
+                                         label="Editable layers", elem_id="layers")
                     max_drop = gr.Number(value=0, label="Guardrail: max accuracy drop", elem_id="max-drop",
                                          info="in points; 0 = off")
                 with gr.Row():
@@ -432,7 +436,7 @@ def build_demo(lab: Lab) -> gr.Blocks:
         settings_inputs = [editor, lr, max_steps, layers, max_drop]
         filters = [source, label_filter, misclassified, min_confidence, max_confidence, sort]
 
-        demo.load(handlers.on_load, outputs=[model, lr, layers, selected, target, *effect_outputs],
+        demo.load(handlers.on_load, outputs=[model, lr, max_steps, layers, selected, target, *effect_outputs],
                   api_visibility="private")
         demo.unload(handlers.unload)
         for control in (source, label_filter, misclassified, sort):
@@ -445,8 +449,8 @@ def build_demo(lab: Lab) -> gr.Blocks:
         jump.click(handlers.select_image, [source, jump_index], selection_outputs, api_name="select_image")
         upload.upload(handlers.upload, upload, [*filters, *browse_outputs, upload_info, *selection_outputs],
                       api_name="upload")
-        model.input(handlers.set_model, model, [lr, editor, layers, *effect_outputs], api_visibility="private")
-        editor.input(handlers.suggest_lr, [model, editor], lr, api_visibility="private")
+        model.input(handlers.set_model, model, [editor, lr, max_steps, layers, *effect_outputs], api_visibility="private")
+        editor.input(handlers.editor_changed, [model, editor], [lr, max_steps, layers], api_visibility="private")
         apply.click(handlers.apply_edit, [target, model, *settings_inputs], effect_outputs, api_name="apply_edit")
         undo.click(handlers.undo, None, effect_outputs, api_name="undo")
         reset.click(handlers.reset, None, effect_outputs, api_name="reset")

@@ -5,13 +5,15 @@ from .data import (CLASSES, DataError, ImageSet, augment, load_cifar10, load_sam
 from .device import pick_device
 from .edit import EditableModel, EditResult, edit, edit_loss, eval_mode
 from .augment_views import augmented_views, generalization, view_families, view_specs
-from .editors import EDITORS, Editor, create_editor
+from .editors import EDITORS, Editor, create_editor, register_editor
+from .locality import AnchorSubspace, LocalEditor, local_edit, logit_margins
 from .fixers import (FIXERS, EditorFixer, FinetuneFixer, Fixer, LookupFixer, LookupTable, PatchResult, finetune,
                      full_logits, penultimate_features)
 from .metrics import EditRecord, HeldOutEvaluator, draw_edits, evaluate_edits, summarize
 from .models import DEFAULT_ARCH, MODELS, create_model, default_editable_prefix, editable_names
 from .training import TrainConfig, accuracy, train
-from .session import EditEntry, EditReport, EditSession, EditSettings, ImageRef, SettingsError, SharedModel, read_log, view_names
+from .session import (DEFAULT_EDITOR, EditEntry, EditReport, EditSession, EditSettings, ImageRef, SettingsError, SharedModel,
+                      read_log, view_names)
 from .compare import MethodOutcome, compare_fixes
 from .workspace import (SORTS, SOURCE_NAE, SOURCE_TEST, SOURCE_UPLOADS, BrowseItem, BrowsePage, BrowseQuery, ImageError, Lab,
                         Workspace, decode_image)

@@ -87,10 +87,11 @@ def compare_fixes(models: dict[str, SharedModel], image: torch.Tensor, target: i
     ]
     lr = EDITORS[editor].default_lr
     for name, shared in models.items():
-        plans.append((f"Editor on the {name} model", f"{editor}, lr {lr:.3g} (the tuned default), up to {max_steps} "
-                      f"steps on {shared.default_layers}", shared,
-                      lambda shared=shared: EditorFixer(shared.editable(shared.default_layers),
-                                                        shared.make_editor(editor, lr), max_steps)))
+        layers = shared.layers_for(editor)
+        plans.append((f"Editor on the {name} model", f"{editor}, lr {lr:.3g} (the default), up to {max_steps} "
+                      f"steps on {layers}", shared,
+                      lambda shared=shared, layers=layers: EditorFixer(shared.editable(layers),
+                                                                       shared.make_editor(editor, lr), max_steps)))
         if shared.learned_lr(editor) is not None:
             plans.append((f"Editor on the {name} model, learned rate", f"{editor} as editable training learned it "
                           f"(lr {shared.learned_lr(editor):.3g}), up to {max_steps} steps on {shared.default_layers}",

@@ -98,6 +98,7 @@ def edit(
     params: Params | None = None,
     order: str = "none",
     features: torch.Tensor | None = None,
+    keep: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> EditResult:
     """Edit so that every input in the batch gets its target label.
 
@@ -105,8 +106,14 @@ def edit(
     tensors to start from (default: the base model's). `order` = 'none' for a plain edit, 'first' or
     'second' to keep the graph from the starting params through the steps (editable training).
     Returns the first parameters at which all targets are argmax, or the last ones after
-    `max_steps` steps (success False).
+    `max_steps` steps (success False). An editor with its own procedure (`apply_edit`, e.g. the local
+    editor) runs that instead; `keep` = (normalised images, targets) of earlier corrections such an
+    editor holds in place (gradient editors ignore it).
     """
+    if hasattr(editor, "apply_edit"):
+        if order != "none":
+            raise ValueError(f"the {editor.name} editor does not support differentiable (order={order!r}) edits")
+        return editor.apply_edit(editable, inputs, targets, max_steps, params, keep)
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, not {order!r}")
     if max_steps < 0:

@@ -25,6 +25,8 @@ class Editor(nn.Module):
     # Default lrs: the smallest value reaching >= 99% success on 100 tuning edits of the shipped
     # ResNet-20 baseline (docs/RESULTS.md, "Editor learning rates"); larger ones cost far more accuracy.
     default_lr = 1e-4
+    default_max_steps = 10  # the paper's k
+    default_layers: str | None = None  # None: the checkpoint's editable prefix (paper, CIFAR: layer3)
     beta_names: tuple[str, ...] = ()
     beta_defaults: tuple[float, ...] = ()
 
@@ -123,6 +125,12 @@ class Adam(Editor):
 
 
 EDITORS: dict[str, type[Editor]] = {cls.name: cls for cls in (GradientDescent, Momentum, RMSProp, Adam)}
+
+
+def register_editor(cls: type[Editor]) -> type[Editor]:
+    """Make an editor class available by name (create_editor, the CLI, the app)."""
+    EDITORS[cls.name] = cls
+    return cls
 
 
 def create_editor(name: str, lr: float | None = None, learnable: bool = False, **betas: float) -> Editor:

@@ -38,6 +38,7 @@ LOG_FORMAT = "editlab-edit-log"
 LOG_VERSION = 1
 MAX_STEPS_LIMIT = 500
 MAX_LR = 10.0
+DEFAULT_EDITOR = "local"  # the page's default: projected, margin-seeking edits of one conv (editcore.locality)
 MAX_EDITS_PER_SESSION = 200  # each applied edit keeps one parameter dict and one set of probabilities
 MAX_LOG_BYTES = 20_000_000
 EVAL_BATCH = 1000
@@ -84,27 +85,31 @@ def _number(value, name: str) -> float:
 
 @dataclass(frozen=True)
 class EditSettings:
-    """How to edit. lr None: the editor's default (tuned) rate, the same for every model; layers '':
-    the checkpoint's editable layers; max_drop None: no guardrail, else the largest held-out accuracy
-    drop (percentage points) an edit may cause and be kept."""
+    """How to edit. editor None: the page's default (DEFAULT_EDITOR); lr None: the editor's default
+    (tuned) rate, the same for every model; max_steps None: the editor's default; layers '': the
+    editor's default layers (the local editor's one conv), else the checkpoint's editable layers;
+    max_drop None: no guardrail, else the largest held-out accuracy drop (percentage points) an edit
+    may cause and be kept."""
 
-    editor: str = "rmsprop"
+    editor: str | None = DEFAULT_EDITOR
     lr: float | None = None
-    max_steps: int = 10
+    max_steps: int | None = None
     layers: str = ""
     max_drop: float | None = None
 
     def resolved(self, shared: "SharedModel") -> "EditSettings":
         """Validated settings with every default filled in; raises SettingsError."""
-        if self.editor not in EDITORS:
-            raise SettingsError(f"editor must be one of {', '.join(EDITORS)}, got {self.editor!r}")
-        lr = EDITORS[self.editor].default_lr if self.lr in (None, "") else _number(self.lr, "learning rate")
+        editor = self.editor or DEFAULT_EDITOR
+        if editor not in EDITORS:
+            raise SettingsError(f"editor must be one of {', '.join(EDITORS)}, got {editor!r}")
+        lr = EDITORS[editor].default_lr if self.lr in (None, "") else _number(self.lr, "learning rate")
         if not 0 < lr <= MAX_LR:
             raise SettingsError(f"learning rate must be > 0 and <= {MAX_LR}, got {lr:g}")
-        steps = _number(self.max_steps, "max steps")
+        max_steps = EDITORS[editor].default_max_steps if self.max_steps in (None, "") else self.max_steps
+        steps = _number(max_steps, "max steps")
         if steps != int(steps) or not 1 <= steps <= MAX_STEPS_LIMIT:
-            raise SettingsError(f"max steps must be a whole number from 1 to {MAX_STEPS_LIMIT}, got {self.max_steps!r}")
-        layers = self.layers or shared.default_layers
+            raise SettingsError(f"max steps must be a whole number from 1 to {MAX_STEPS_LIMIT}, got {max_steps!r}")
+        layers = self.layers or shared.layers_for(editor)
         if layers not in shared.layer_choices:
             raise SettingsError(f"editable layers must be one of {', '.join(shared.layer_choices)}, got {layers!r}")
         max_drop = None
@@ -112,7 +117,7 @@ class EditSettings:
             max_drop = _number(self.max_drop, "guardrail (max accuracy drop)")
             if not 0 <= max_drop <= 100:
                 raise SettingsError(f"guardrail must be between 0 and 100 accuracy points, got {max_drop:g}")
-        return EditSettings(self.editor, lr, int(steps), layers, max_drop)
+        return EditSettings(editor, lr, int(steps), layers, max_drop)
 
 
 class SharedModel:
@@ -126,8 +131,10 @@ class SharedModel:
         self.card, self.model, self.learned_editor = checkpoint.card, checkpoint.model.eval(), checkpoint.editor
         self.sha256 = hashlib.sha256(self.path.read_bytes()).hexdigest()
         self.default_layers = self.card.get("editable_prefix") or default_editable_prefix(self.card["arch"])
-        # Every stage but the first: editing the stem would make every held-out check a full forward pass.
-        self.layer_choices = tuple(dict.fromkeys([*self.model.stage_names[1:], self.default_layers]))
+        # Every stage but the first (editing the stem would make every held-out check a full forward pass),
+        # and each editor's own default layers where it has them (the local editor's one conv).
+        own = [cls.default_layers for cls in EDITORS.values() if cls.default_layers]
+        self.layer_choices = tuple(dict.fromkeys([*self.model.stage_names[1:], self.default_layers, *own]))
         self.heldout = heldout.to(self.device)
         self.lock = threading.RLock()
         self._editables: dict[str, EditableModel] = {}
@@ -149,6 +156,10 @@ class SharedModel:
         if self.learned_editor is not None and self.learned_editor.name == editor:
             return self.learned_editor.hyperparameters()["lr"]
         return None
+
+    def layers_for(self, editor: str) -> str:
+        """The layers `editor` edits by default on this model: its own, else the checkpoint's."""
+        return EDITORS[editor].default_layers or self.default_layers
 
     def make_editor(self, name: str, lr: float) -> Editor:
         return create_editor(name, lr=lr).to(self.device)
@@ -397,7 +408,8 @@ class EditSession:
         with shared.lock:
             progress(0.0, f"editing ({settings.editor}, up to {settings.max_steps} steps)")
             start_params = self.params or editable.frozen_base_params()
-            result = edit(editable, normalize(images.to(device)), target_tensor, editor, settings.max_steps, params=start_params)
+            result = edit(editable, normalize(images.to(device)), target_tensor, editor, settings.max_steps,
+                          params=start_params, keep=self._corrections())
             progress(0.4, f"re-evaluating {len(shared.heldout):,} held-out images")
             started = time.perf_counter()
             probs_after = shared.heldout_probabilities(settings.layers, result.params)
@@ -432,6 +444,14 @@ class EditSession:
                           self.heldout_accuracy(self._base.heldout_probs), acc_before, acc_after, len(labels), len(fixed),
                           len(broken), int(changed.sum()), shared.name, settings, list(refs), list(targets),
                           views_before, views_after, views, before, after, fixed, broken)
+
+    def _corrections(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """This session's earlier edits as (normalised images, targets), for an editor that keeps them."""
+        if not self.history:
+            return None
+        images = torch.stack([decode_pixels(p) for entry in self.history for p in entry.pixels])
+        targets = torch.tensor([t for entry in self.history for t in entry.targets])
+        return normalize(images.to(self.shared.device)), targets.to(self.shared.device)
 
     def last_flips(self) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]] | None:
         """(predictions before, after, fixed rows, broken rows) of the last applied edit, or None."""

@@ -15,7 +15,7 @@ from app import Handlers
 from app_support import make_lab
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-from editcore import CLASSES, load_checkpoint
+from editcore import CLASSES, EDITORS, load_checkpoint
 
 
 
@@ -31,19 +31,22 @@ def request(name: str):
 
 def test_page_load_select_apply_undo(handlers):
     r = request("h1")
-    model, lr, layers, image, target, report, status, topk, info, plot, views, fixed, broken, history, gallery, page = \
-        handlers.on_load(r)
+    model, lr, max_steps, layers, image, target, report, status, topk, info, plot, views, fixed, broken, history, \
+        gallery, page = handlers.on_load(r)
     ws = handlers.workspace(r)
-    assert model["value"] == "editable" and layers["value"] == "layer3" and lr["value"] > 0
+    # The page's defaults: the local editor on its one conv.
+    assert model["value"] == "editable" and layers["value"] == "layer3.0.conv1" and lr["value"] == 1.0
+    assert max_steps["value"] == EDITORS["local"].default_max_steps
     assert image.shape == (256, 256, 3) and "misclassified" in info
     assert len(gallery) == 24 and all("→" in caption for _, caption in gallery)  # misclassified only, by default
     assert report["edits"] == 0 and history == [] and fixed == [] and broken == []
     true_label = CLASSES[int(handlers.lab.sources["test"].labels[ws.selection.index])]
     assert target == true_label
 
-    outputs = handlers.apply_edit(true_label, "editable", "rmsprop", None, 30, "layer3", 0, r)
+    outputs = handlers.apply_edit(true_label, "editable", None, None, None, None, 0, r)  # None: the page's defaults
     report, status, topk_after = outputs[0], outputs[1], outputs[2]
     assert report["success"] and report["applied"] and "Applied" in status
+    assert (report["editor"], report["layers"], report["max_steps"]) == ("local", "layer3.0.conv1", 20)
     assert max(topk_after, key=topk_after.get) == true_label
     assert len(outputs[8]) == 1 and outputs[8][0][0] == 1  # history table: one row, edit 1
     assert "green" in outputs[5] and outputs[5].count("<figure>") == 16  # the augmented views panel

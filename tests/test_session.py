@@ -69,13 +69,13 @@ def test_undo_restores_the_top_k_exactly_and_reset_clears(ws):
     session = ws.session("baseline")
     original = session.topk(item.image)
     for target in (item.label, (item.label + 1) % 10):
-        assert ws.apply("baseline", target, EditSettings(lr=1e-3, max_steps=30)).applied
+        assert ws.apply("baseline", target, EditSettings(editor="rmsprop", lr=1e-3, max_steps=30)).applied
     assert session.topk(item.image) != original
     assert session.undo().number == 2 and len(session.history) == 1
     assert session.undo().number == 1 and session.params == {}
     assert session.topk(item.image) == original
     assert session.undo() is None
-    ws.apply("baseline", item.label, EditSettings(lr=1e-3, max_steps=30))
+    ws.apply("baseline", item.label, EditSettings(editor="rmsprop", lr=1e-3, max_steps=30))
     assert session.reset() == 1 and session.history == [] and session.topk(item.image) == original
     assert session.accuracy_curve() == [session.heldout_accuracy()]
 
@@ -123,7 +123,7 @@ def test_bad_settings_are_refused_and_change_nothing(ws, settings, message):
 
 def test_layers_are_fixed_while_a_session_has_edits(ws):
     item = first_misclassified(ws)
-    assert ws.apply("baseline", item.label, EditSettings(lr=1e-3, max_steps=30, layers="layer3")).applied
+    assert ws.apply("baseline", item.label, EditSettings(editor="rmsprop", lr=1e-3, max_steps=30, layers="layer3")).applied
     with pytest.raises(SettingsError, match="reset before"):
         ws.apply("baseline", item.label, EditSettings(layers="head"))
     ws.session("baseline").reset()
@@ -213,7 +213,7 @@ def test_uploads_of_any_size_and_mode_become_32x32_rgb(ws, tmp_path):
     page = ws.browse("baseline", BrowseQuery(source=SOURCE_UPLOADS))
     assert page.total == 4 and all(item.label == -1 for item in page.items)
     ws.select(refs[1])
-    assert ws.apply("baseline", 5, EditSettings(lr=1e-3, max_steps=50)).refs == [refs[1]]
+    assert ws.apply("baseline", 5, EditSettings(editor="rmsprop", lr=1e-3, max_steps=50)).refs == [refs[1]]
 
 
 def test_a_bad_upload_is_refused_with_its_name_and_adds_nothing(ws, tmp_path):
@@ -239,7 +239,7 @@ def test_batch_edit_fixes_every_image_at_once(ws):
         ws.add_to_batch(item.label)
     ws.add_to_batch(page.items[2].label)  # adding the same image again replaces it
     assert len(ws.batch) == 3
-    report = ws.apply_batch("baseline", EditSettings(lr=1e-3, max_steps=60))
+    report = ws.apply_batch("baseline", EditSettings(editor="rmsprop", lr=1e-3, max_steps=60))
     assert report.applied and report.targets == [i.label for i in page.items[:3]] and ws.batch == []
     session = ws.session("baseline")
     assert [session.topk(i.image)[0][0] for i in page.items[:3]] == [CLASSES[i.label] for i in page.items[:3]]
@@ -252,7 +252,7 @@ def test_workspaces_are_isolated_and_dropped(lab):
     item = first_misclassified(a)
     b.select(item.ref)
     before = b.session("baseline").topk(item.image)
-    assert a.apply("baseline", item.label, EditSettings(lr=1e-3, max_steps=30)).applied
+    assert a.apply("baseline", item.label, EditSettings(editor="rmsprop", lr=1e-3, max_steps=30)).applied
     assert b.session("baseline").topk(item.image) == before and b.session("baseline").history == []
     lab.registry.drop("iso-a")
     assert lab.registry.get("iso-a") is not a and lab.registry.get("iso-a").sessions == {}
@@ -319,7 +319,7 @@ def test_a_missing_checkpoint_is_a_note_and_an_nae_set_a_source(lab, tmp_path):
     page = ws.browse("baseline", BrowseQuery(source=SOURCE_NAE, page_size=50))
     assert page.total == 20 and [i.label for i in page.items] == lab.sources[SOURCE_TEST].labels[40:60].tolist()
     ws.select(page.items[0].ref)
-    report = ws.apply("baseline", 3, EditSettings(lr=1e-3, max_steps=50))
+    report = ws.apply("baseline", 3, EditSettings(editor="rmsprop", lr=1e-3, max_steps=50))
     assert report.applied and report.refs == [ImageRef(SOURCE_NAE, 0)]
     assert ws.browse("baseline", BrowseQuery(source=SOURCE_NAE)).items[0].predicted == 3  # re-scored under the edit
     assert any("gone.safetensors" in note and "missing" in note for note in partial.notes)

@@ -1,0 +1,244 @@
+"""Locality benchmark: what an edit costs the rest of the model, on three protocols.
+
+- R: the paper's: a random image to a random target != its true label.
+- C: corrections: an image the model gets wrong, to its true label.
+- S: sessions: K corrections one after another without reset; after each, held-out accuracy, how many
+  earlier corrections still hold, and each correction's generalisation to its augmented views.
+
+Every method sees the same seeded edits. Held-out images never include an edited one: with a data root,
+edits come from test 1000-9999 and the held-out set is the pixel-exact test 0-999 (`--heldout full`:
+all 10,000 test images, each edit scored without the images it edited); without one, both come from
+the embedded sample and each edit is scored without its own image. Corrections are drawn from images
+that every `--checkpoint` gets wrong, so models are compared on the same corrections.
+
+    python bench/locality.py --data-root ../shared/data/cifar10 --protocols R C S20 --n 100 \\
+        --method rmsprop@layer3 --method local@layer3.0.conv1
+
+A method is EDITOR@LAYERS[,key=value...]: EDITOR is a gradient editor (rmsprop, gd, momentum, adam;
+keys lr, steps) or `local` (editcore.locality; keys energy, margin, copies, steps, keep=0/1 for
+session constraints, anchors=N). Prints one table; `--json FILE` writes every number.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from editcore import (EditableModel, ImageSet, augmented_views, create_editor, edit, load_checkpoint,  # noqa: E402
+                      load_cifar10, load_train_sample, normalize, resolve_data_root)
+from editcore.fixers import full_logits  # noqa: E402
+from editcore.locality import (DEFAULT_COPIES, DEFAULT_ENERGY, DEFAULT_MARGIN, DEFAULT_MAX_STEPS,  # noqa: E402
+                               AnchorSubspace, local_edit)
+from editcore.metrics import draw_edits  # noqa: E402
+
+EXACT_TEST = 1000  # test images 0-999 are pixel-exact in the project's copy of CIFAR-10
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Method:
+    spec: str
+    editor: str
+    layers: str
+    options: dict = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, spec: str) -> "Method":
+        head, *pairs = spec.split(",")
+        editor, _, layers = head.partition("@")
+        options = {}
+        for pair in pairs:
+            key, _, value = pair.partition("=")
+            options[key] = float(value)
+        return cls(spec, editor, layers or "layer3", options)
+
+
+class Runner:
+    """One method on one model: edit(x, target, params, keep) and predictions, all from cached features."""
+
+    def __init__(self, method: Method, model, anchors: ImageSet, device):
+        self.method, self.model = method, model
+        self.editable = EditableModel(model, method.layers)
+        opts = method.options
+        self.steps = int(opts.get("steps", DEFAULT_MAX_STEPS if method.editor == "local" else 20))
+        if method.editor == "local":
+            count = int(opts.get("anchors", len(anchors)))
+            self.subspace = AnchorSubspace(self.editable, normalize(anchors.images[:count].to(device)),
+                                           energy=opts.get("energy", DEFAULT_ENERGY))
+        else:
+            self.editor = create_editor(method.editor, lr=opts.get("lr")).to(device)
+
+    def edit(self, image: torch.Tensor, target: int, params, keep: list[tuple[torch.Tensor, int]]):
+        x, t = normalize(image), torch.tensor([target], device=image.device)
+        if self.method.editor != "local":
+            return edit(self.editable, x, t, self.editor, self.steps, params=params or None)
+        opts = self.method.options
+        keep_inputs = keep_targets = None
+        if keep and opts.get("keep", 1):
+            keep_inputs = normalize(torch.cat([k[0] for k in keep]))
+            keep_targets = torch.tensor([k[1] for k in keep], device=image.device)
+        return local_edit(self.editable, x, t, self.subspace, self.steps, opts.get("margin", DEFAULT_MARGIN),
+                          int(opts.get("copies", DEFAULT_COPIES)), params or None, keep_inputs, keep_targets)
+
+    def predict(self, images: torch.Tensor, params) -> torch.Tensor:
+        return full_logits(self.model, images, params or None).argmax(1)
+
+
+class HeldOut:
+    """Held-out predictions from features cached at the method's split (re-runs only the later stages)."""
+
+    def __init__(self, runner: Runner, images: ImageSet):
+        self.runner, self.labels, self.indices = runner, images.labels, images.indices
+        with torch.no_grad():
+            self.features = torch.cat([runner.editable.features(normalize(images.images[i : i + 1000]))
+                                       for i in range(0, len(images), 1000)])
+        self.base = self.predict({})
+
+    @torch.no_grad()
+    def predict(self, params) -> torch.Tensor:
+        from editcore import eval_mode
+        with eval_mode(self.runner.model):
+            return torch.cat([self.runner.editable.logits_from_features(self.features[i : i + 1000], params or None)
+                              .argmax(1) for i in range(0, len(self.features), 1000)])
+
+    def accuracy(self, predictions: torch.Tensor, exclude: set[int]) -> float:
+        mask = torch.tensor([int(i) not in exclude for i in self.indices], device=predictions.device)
+        return float((predictions[mask] == self.labels[mask]).float().mean())
+
+
+def views_at_target(runner: Runner, image: torch.Tensor, target: int, params) -> float:
+    views = augmented_views(image[0])
+    return float((runner.predict(views, params) == target).float().mean())
+
+
+def single_edits(runner: Runner, heldout: HeldOut, edits: ImageSet, rows, targets) -> list[dict]:
+    records = []
+    for row, target in zip(rows, targets):
+        image = edits.images[row : row + 1]
+        exclude = {int(edits.indices[row])}
+        result = runner.edit(image, target, {}, [])
+        before = heldout.accuracy(heldout.base, exclude)
+        after = heldout.accuracy(heldout.predict(result.params), exclude)
+        gain = views_at_target(runner, image, target, result.params) - views_at_target(runner, image, target, {})
+        records.append({"index": int(edits.indices[row]), "target": int(target), "success": result.success,
+                        "steps": result.steps, "seconds": result.seconds, "drop": 100 * (before - after),
+                        "generalization": gain})
+    return records
+
+
+def session(runner: Runner, heldout: HeldOut, edits: ImageSet, rows, targets) -> dict:
+    params, keep, curve, kept, gains, successes = {}, [], [], [], [], []
+    exclude = {int(edits.indices[r]) for r in rows}
+    base = heldout.accuracy(heldout.base, exclude)
+    for row, target in zip(rows, targets):
+        image = edits.images[row : row + 1]
+        before = views_at_target(runner, image, target, params)
+        result = runner.edit(image, target, params, keep)
+        successes.append(result.success)
+        params = result.params
+        keep.append((image, int(target)))
+        gains.append(views_at_target(runner, image, target, params) - before)
+        curve.append(heldout.accuracy(heldout.predict(params), exclude))
+        corrected = torch.cat([k[0] for k in keep])
+        kept.append(int((runner.predict(corrected, params).cpu() == torch.tensor([k[1] for k in keep])).sum()))
+    return {"base_accuracy": base, "accuracy_curve": curve, "kept_curve": kept, "final_drop": 100 * (base - curve[-1]),
+            "kept": kept[-1], "n": len(rows), "success_rate": sum(successes) / len(successes),
+            "generalization": statistics.mean(gains)}
+
+
+def summarize(records: list[dict]) -> dict:
+    return {"n": len(records), "drop": statistics.mean(r["drop"] for r in records),
+            "success_rate": statistics.mean(float(r["success"]) for r in records),
+            "steps": statistics.mean(r["steps"] for r in records),
+            "edit_ms_median": 1000 * statistics.median(r["seconds"] for r in records),
+            "generalization": statistics.mean(r["generalization"] for r in records)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--checkpoint", action="append", default=None,
+                        help="default: assets/resnet20_baseline.safetensors and assets/resnet20_editable.safetensors")
+    parser.add_argument("--method", action="append", default=None, help="EDITOR@LAYERS[,key=value...] (repeat)")
+    parser.add_argument("--protocols", nargs="+", default=["R", "C", "S20"], help="R, C, S<K> (e.g. S20 S50)")
+    parser.add_argument("--n", type=int, default=100, help="edits per single-edit protocol")
+    parser.add_argument("--sessions", type=int, default=3, help="seeded sessions per S protocol")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--heldout", default="exact", choices=["exact", "full"])
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--json", default=None, help="write every record here")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+    checkpoints = args.checkpoint or [str(ROOT / "assets/resnet20_baseline.safetensors"),
+                                      str(ROOT / "assets/resnet20_editable.safetensors")]
+    methods = [Method.parse(m) for m in (args.method or ["rmsprop@layer3", "local@layer3.0.conv1"])]
+    test = load_cifar10("test", args.data_root)
+    has_root = resolve_data_root(args.data_root) is not None
+    if has_root:
+        edits = test.subset(range(EXACT_TEST, len(test)))
+        heldout_set = test if args.heldout == "full" else test.subset(range(EXACT_TEST))
+        anchors = load_cifar10("train", args.data_root)
+        anchors = anchors.subset(torch.randperm(len(anchors), generator=torch.Generator().manual_seed(0))[:2000])
+    else:
+        edits, heldout_set, anchors = test, test, load_train_sample()
+    models = {Path(c).stem: load_checkpoint(c, device).model.eval() for c in checkpoints}
+    mistakes = torch.ones(len(edits), dtype=torch.bool)
+    for model in models.values():
+        mistakes &= (full_logits(model, edits.images).argmax(1) != edits.labels)
+    wrong_predictions = torch.where(mistakes, (edits.labels + 1) % 10, edits.labels)
+    draws = {"R": draw_edits(edits, args.n, args.seed, "other"),
+             "C": draw_edits(edits, args.n, args.seed, "corrections", predictions=wrong_predictions)}
+    print(f"edit source: {edits.source} ({len(edits)} images, {int(mistakes.sum())} wrong for every model); "
+          f"held-out: {len(heldout_set)} images; anchors: {len(anchors)} training images", flush=True)
+    results = []
+    for name, model in models.items():
+        for method in methods:
+            started = time.perf_counter()
+            runner = Runner(method, model, anchors, device)
+            heldout = HeldOut(runner, heldout_set)
+            row = {"model": name, "method": method.spec}
+            for protocol in args.protocols:
+                if protocol in draws:
+                    records = single_edits(runner, heldout, edits, *draws[protocol])
+                    row[protocol] = {**summarize(records), "records": records}
+                elif protocol.startswith("S"):
+                    k = int(protocol[1:])
+                    row[protocol] = [session(runner, heldout, edits,
+                                             *draw_edits(edits, k, args.seed + 1000 + s, "corrections", predictions=wrong_predictions))
+                                     for s in range(args.sessions)]
+            row["seconds"] = time.perf_counter() - started
+            results.append(row)
+            print(format_row(row, args.protocols), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"argv": sys.argv[1:], "results": results}, indent=1))
+    return 0
+
+
+def format_row(row: dict, protocols) -> str:
+    parts = [f"{row['model']:<22} {row['method']:<40}"]
+    for protocol in protocols:
+        value = row.get(protocol)
+        if isinstance(value, dict):
+            parts.append(f"{protocol}: drop {value['drop']:5.2f} succ {value['success_rate']:.2f} "
+                         f"steps {value['steps']:.1f} gen {value['generalization']:+.2f} {value['edit_ms_median']:.0f}ms")
+        elif isinstance(value, list):
+            drops = [s["final_drop"] for s in value]
+            parts.append(f"{protocol}: drop {statistics.mean(drops):5.2f} (worst {max(drops):.2f}) "
+                         f"kept {min(s['kept'] for s in value)}-{max(s['kept'] for s in value)}/{value[0]['n']} "
+                         f"gen {statistics.mean(s['generalization'] for s in value):+.2f}")
+    parts.append(f"[{row['seconds']:.0f}s]")
+    return " | ".join(parts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""Edits that stay local: a projected, margin-seeking edit of one layer's weights.
+
+The gradient editors move every editable weight (RMSProp's and Adam's first step from a zero state
+is a dense sign step), so one correction shifts the outputs of many other images. The local edit
+changes one or a few weight matrices W (conv or linear) and only along directions that the layer's
+*anchor inputs* (patches of its input on a few thousand training images) barely excite:
+
+- `AnchorSubspace`: for each edited weight, the covariance C = E[p p^T] of its input vectors p over
+  the anchors (for a conv, the unfolded k x k x c_in patches), and the projector P onto the
+  eigenvectors of C that together hold only `energy` of its trace (the low-energy subspace). An
+  update dW = G P changes the layer's output on an anchor input by G P p, and E|P p|^2 <= energy *
+  E|p|^2: the edit moves the anchors' activations little *from the first step on*, which a penalty
+  that is zero at the base model cannot do (the idea of null-space constrained editing, AlphaEdit).
+- `local_edit`: Polyak steps on a hinge loss of the logit margin, dW = -(loss / |G P|^2) G P,
+  i.e. the smallest step (in the projected metric) that closes the linearised margin gap; no learning
+  rate to tune, and the first step follows the gradient's size. It edits the image together with a few
+  random crops / flips of it (so the fix carries over to small changes of the input), and it may
+  keep earlier corrections of a session as constraints (so a later edit cannot undo them).
+
+An edited model is still the base model plus a dict of replacement tensors (`EditResult.params`).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from .data import augment, load_train_sample, normalize
+from .edit import EditableModel, EditResult, eval_mode
+from .editors import Editor, Params, register_editor
+
+DEFAULT_ENERGY = 0.2  # share of the anchors' input energy the edit may touch
+DEFAULT_MARGIN = 3.0  # logit margin the edit aims for (target logit - best other logit)
+DEFAULT_COPIES = 8  # random crop/flip copies of the edited image, edited with it
+DEFAULT_MAX_STEPS = 20
+MAX_HALVINGS = 8  # line search: a step is halved at most this often before the edit gives up
+KEEP_MARGIN = 1.0  # earlier corrections of a session are kept at least this far above the next class
+
+
+def _owner(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name.rsplit(".", 1)[0])
+
+
+class AnchorSubspace:
+    """Projectors onto the low-energy subspace of anchor inputs, one per edited weight matrix.
+
+    Only `weight` tensors of Conv2d / Linear modules among the editable parameters are edited
+    locally; `names` lists them (other editable parameters, e.g. batch norm, stay as they are).
+    """
+
+    def __init__(self, editable: EditableModel, anchor_inputs: torch.Tensor, energy: float = DEFAULT_ENERGY,
+                 batch_size: int = 500):
+        if not 0 < energy <= 1:
+            raise ValueError(f"energy must be in (0, 1], got {energy}")
+        model = editable.model
+        self.energy = energy
+        self.names = [n for n in editable.names
+                      if n.endswith(".weight") and isinstance(_owner(model, n), (nn.Conv2d, nn.Linear))]
+        if not self.names:
+            raise ValueError(f"no conv or linear weight among the editable parameters {editable.names[:4]}...")
+        sums: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
+
+        def hook(name: str, module: nn.Module):
+            def record(_module, args):
+                x = args[0].detach().double()  # float64: the low-energy tail is what matters
+                if isinstance(module, nn.Conv2d):
+                    x = nn.functional.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+                    x = x.transpose(1, 2).reshape(-1, x.shape[1])  # (N * positions, c_in * k * k)
+                sums[name] = sums.get(name, 0) + x.T @ x
+                counts[name] = counts.get(name, 0) + len(x)
+            return record
+
+        handles = [_owner(model, n).register_forward_pre_hook(hook(n, _owner(model, n))) for n in self.names]
+        try:
+            with torch.no_grad(), eval_mode(model):
+                for i in range(0, len(anchor_inputs), batch_size):
+                    model(anchor_inputs[i : i + batch_size])
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.projectors: dict[str, torch.Tensor] = {}
+        self.dims: dict[str, tuple[int, int]] = {}  # (kept directions, input dimension)
+        for name in self.names:
+            covariance = sums[name] / counts[name]
+            eigenvalues, eigenvectors = torch.linalg.eigh(covariance)  # ascending
+            eigenvalues = eigenvalues.clamp(min=0)
+            keep = int((eigenvalues.cumsum(0) <= energy * eigenvalues.sum()).sum())
+            basis = eigenvectors[:, :max(keep, 1)]
+            self.projectors[name] = (basis @ basis.T).float()
+            self.dims[name] = (basis.shape[1], len(eigenvalues))
+
+    def project(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """tensor (shaped like the weight) with its input side projected onto the low-energy subspace."""
+        flat = tensor.reshape(tensor.shape[0], -1)
+        return (flat @ self.projectors[name].to(flat.device)).reshape(tensor.shape)
+
+
+def logit_margins(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Target logit minus the largest other logit, per row (> 0 iff the target is the argmax)."""
+    target = logits.gather(1, targets.view(-1, 1)).squeeze(1)
+    others = logits.masked_fill(nn.functional.one_hot(targets, logits.shape[1]).bool(), float("-inf"))
+    return target - others.max(1).values
+
+
+def local_edit(
+    editable: EditableModel,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    subspace: AnchorSubspace,
+    max_steps: int = DEFAULT_MAX_STEPS,
+    margin: float = DEFAULT_MARGIN,
+    copies: int = DEFAULT_COPIES,
+    params: Params | None = None,
+    keep_inputs: torch.Tensor | None = None,
+    keep_targets: torch.Tensor | None = None,
+    step_scale: float = 1.0,
+    seed: int = 0,
+) -> EditResult:
+    """Edit so that every input gets its target, changing only `subspace.names` within the subspace.
+
+    inputs: normalised images (N,3,H,W), targets (N,). Each input is edited together with `copies`
+    random crop/flip copies (seeded by `seed`); the loss is the mean over those rows of
+    relu(margin - logit margin), plus the same with KEEP_MARGIN on `keep_inputs` (earlier corrections
+    to keep). It stops when the loss is 0 or after `max_steps` steps; `success` means every input's
+    target is the argmax. `params`: the editable tensors to start from (default: the base model's).
+    """
+    if max_steps < 0:
+        raise ValueError("max_steps must be >= 0")
+    if not step_scale > 0:
+        raise ValueError("step_scale must be > 0")
+    start = time.perf_counter()
+    targets = targets.view(-1).to(inputs.device)
+    rows = [inputs]
+    if copies:
+        gen = torch.Generator().manual_seed(seed)
+        rows += [augment(inputs, gen) for _ in range(copies)]
+    row_targets = targets.repeat(1 + copies)
+    row_margins = torch.full((len(row_targets),), float(margin), device=inputs.device)
+    if keep_inputs is not None and len(keep_inputs):
+        rows.append(keep_inputs.to(inputs.device))
+        row_targets = torch.cat([row_targets, keep_targets.view(-1).to(inputs.device)])
+        row_margins = torch.cat([row_margins, torch.full((len(keep_inputs),), KEEP_MARGIN, device=inputs.device)])
+    params = {n: p.detach() for n, p in (params or editable.frozen_base_params()).items()}
+    names = subspace.names
+    with eval_mode(editable.model), torch.enable_grad():
+        with torch.no_grad():
+            features = editable.features(torch.cat(rows))
+
+        def evaluate(candidate: Params) -> tuple[Params, torch.Tensor, torch.Tensor]:
+            candidate = {n: p.detach().requires_grad_(n in subspace.projectors) for n, p in candidate.items()}
+            logits = editable.logits_from_features(features, candidate)
+            return candidate, torch.relu(row_margins - logit_margins(logits, row_targets)).mean(), logits
+
+        params, loss, logits = evaluate(params)
+        losses, steps = [float(loss.detach())], 0
+        while losses[-1] > 0 and steps < max_steps:
+            grads = torch.autograd.grad(loss, [params[n] for n in names])
+            directions = {n: subspace.project(n, g) for n, g in zip(names, grads)}
+            norm2 = sum(float((d * d).sum()) for d in directions.values())
+            if norm2 == 0.0:
+                break  # the subspace holds no direction that moves this loss
+            # Polyak step, halved until the loss goes down (the margin is not linear in the weights).
+            rate = step_scale * losses[-1] / norm2
+            for _ in range(MAX_HALVINGS):
+                candidate = {n: p - rate * directions[n] if n in directions else p for n, p in params.items()}
+                candidate, candidate_loss, candidate_logits = evaluate(candidate)
+                if float(candidate_loss.detach()) < losses[-1]:
+                    break
+                rate /= 2
+            else:
+                break  # no step along this direction lowers the loss
+            params, loss, logits = candidate, candidate_loss, candidate_logits
+            losses.append(float(loss.detach()))
+            steps += 1
+    success = bool((logits[: len(targets)].argmax(1) == targets).all())
+    params = {n: p.detach() for n, p in params.items()}
+    return EditResult(params, success, steps, losses, time.perf_counter() - start, logits[: len(targets)].detach())
+
+
+@register_editor
+class LocalEditor(Editor):
+    """`local_edit` behind the editor interface, so the app, the CLI and the fixers can pick it by name.
+
+    Its `lr` is a multiplier of the Polyak step (1: close the linearised margin gap exactly). The
+    anchor subspace of each EditableModel is computed on first use from `anchors` (default: the shipped
+    2,000-image training sample) and cached on that EditableModel.
+    """
+
+    name = "local"
+    default_lr = 1.0
+    default_max_steps = DEFAULT_MAX_STEPS
+    default_layers = "layer3.0.conv1"
+
+    def __init__(self, lr: float | None = None, learnable: bool = False, energy: float = DEFAULT_ENERGY,
+                 margin: float = DEFAULT_MARGIN, copies: int = DEFAULT_COPIES, anchors: torch.Tensor | None = None):
+        if learnable:
+            raise ValueError("the local editor has no learnable hyper-parameters")
+        super().__init__(lr)
+        if not 0 < energy <= 1 or margin < 0 or copies < 0:
+            raise ValueError(f"local editor needs 0 < energy <= 1, margin >= 0, copies >= 0; got {energy}, {margin}, {copies}")
+        self.energy, self.margin, self.copies, self.anchors = float(energy), float(margin), int(copies), anchors
+
+    def hyperparameters(self) -> dict[str, float]:
+        return {"lr": float(self.lr.detach()), "energy": self.energy, "margin": self.margin, "copies": self.copies}
+
+    def subspace(self, editable: EditableModel) -> AnchorSubspace:
+        """The anchor subspace for `editable`: with the shipped anchors, computed once per EditableModel
+        (editors are made per edit, models live on); with anchors of the caller's, once per editor."""
+        owner = editable.__dict__ if self.anchors is None else self.__dict__
+        cache = owner.setdefault("_anchor_subspaces", {})
+        key = (id(editable), self.energy)
+        if key not in cache:
+            device = next(editable.model.parameters()).device
+            anchors = self.anchors if self.anchors is not None else load_train_sample().images
+            cache[key] = AnchorSubspace(editable, normalize(anchors.to(device)), self.energy)
+        return cache[key]
+
+    def apply_edit(self, editable: EditableModel, inputs: torch.Tensor, targets: torch.Tensor, max_steps: int,
+                   params: Params | None = None, keep: tuple[torch.Tensor, torch.Tensor] | None = None) -> EditResult:
+        keep_inputs, keep_targets = keep if keep is not None else (None, None)
+        return local_edit(editable, inputs, targets, self.subspace(editable), max_steps, self.margin, self.copies,
+                          params, keep_inputs, keep_targets, step_scale=float(self.lr.detach()))
+
+    def step(self, params, grads, state):
+        raise NotImplementedError("the local editor edits through apply_edit, not per-step updates")

@@ -1,0 +1,120 @@
+"""The local editor: projected updates leave anchor outputs alone, steps follow the gradient's size,
+session constraints keep earlier corrections, and the edit is still a pure function."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from editcore import AnchorSubspace, EditableModel, create_editor, edit, local_edit, logit_margins
+from editcore.models import StagedNet
+
+from conftest import make_tiny
+
+DIM, RANK, CLASSES = 12, 5, 4
+
+
+class LinearNet(StagedNet):
+    """features -> linear head: the edited layer's inputs are the network's inputs, so anchors can be
+    placed in a chosen subspace and the effect of an update on them is exactly linear."""
+
+    stage_names = ("stem", "head")
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Flatten()
+        self.head = nn.Linear(DIM, CLASSES)
+
+
+@pytest.fixture
+def linear():
+    torch.manual_seed(0)
+    model = LinearNet().eval()
+    gen = torch.Generator().manual_seed(1)
+    basis = torch.linalg.qr(torch.randn(DIM, RANK, generator=gen))[0]  # anchors span RANK of DIM directions
+    anchors = torch.randn(200, RANK, generator=gen) @ basis.T
+    return EditableModel(model, "head"), anchors
+
+
+def test_projector_keeps_only_low_energy_directions(linear):
+    editable, anchors = linear
+    subspace = AnchorSubspace(editable, anchors, energy=1e-9)
+    projector = subspace.projectors["head.weight"]
+    assert subspace.names == ["head.weight"]  # the bias has no input side to project
+    assert subspace.dims["head.weight"] == (DIM - RANK, DIM)
+    assert torch.allclose(projector @ projector, projector, atol=1e-5)  # a projector
+    assert float((anchors @ projector).norm()) < 1e-4 * float(anchors.norm())  # orthogonal to every anchor
+
+
+def test_a_projected_edit_leaves_the_anchors_outputs_unchanged(linear):
+    editable, anchors = linear
+    subspace = AnchorSubspace(editable, anchors, energy=1e-9)
+    query = torch.randn(1, DIM, generator=torch.Generator().manual_seed(2))  # off the anchors' span
+    with torch.no_grad():
+        target = editable.logits(query).argmin(1)
+        before = editable.logits(anchors)
+    result = local_edit(editable, query, target, subspace, max_steps=20, copies=0)
+    assert result.success
+    with torch.no_grad():
+        after = editable.logits(anchors, result.params)
+        assert torch.allclose(after, before, atol=1e-4)
+        # The same loss reduced without the projection moves the anchors.
+        plain = AnchorSubspace(editable, anchors, energy=1.0)
+        moved = editable.logits(anchors, local_edit(editable, query, target, plain, 20, copies=0).params)
+        assert float((moved - before).abs().max()) > 0.1
+
+
+def test_first_step_is_the_polyak_step_along_the_projected_gradient(linear):
+    editable, anchors = linear
+    subspace = AnchorSubspace(editable, anchors, energy=0.5)
+    query = torch.randn(1, DIM, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        target = editable.logits(query).argmin(1)
+    weight = editable.frozen_base_params()["head.weight"].clone().requires_grad_(True)
+    bias = editable.frozen_base_params()["head.bias"]
+    loss = torch.relu(3.0 - logit_margins(nn.functional.linear(query, weight, bias), target)).mean()
+    grad = torch.autograd.grad(loss, weight)[0]
+    direction = grad @ subspace.projectors["head.weight"]
+    expected = weight.detach() - float(loss) / float((direction * direction).sum()) * direction
+    for scale in (1.0, 0.5):
+        result = local_edit(editable, query, target, subspace, max_steps=1, margin=3.0, copies=0, step_scale=scale)
+        step = result.params["head.weight"] - weight.detach()
+        assert torch.allclose(step, scale * (expected - weight.detach()), atol=1e-6)
+        assert torch.equal(result.params["head.bias"], bias)  # only projected weights move
+
+
+def test_session_constraints_keep_an_earlier_correction():
+    model = make_tiny()
+    editable = EditableModel(model, "body")
+    inputs = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    anchors = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    subspace = AnchorSubspace(editable, anchors, energy=0.5)
+    with torch.no_grad():
+        logits = editable.logits(inputs)
+    first_target = logits[0:1].argsort(1)[:, -2]  # the runner-up class
+    first = local_edit(editable, inputs[0:1], first_target, subspace, 50, margin=1.0, copies=0)
+    assert first.success
+    # Push the second input towards the class the first one had before its correction.
+    second_target = logits[0:1].argmax(1)
+    kept = local_edit(editable, inputs[1:2], second_target, subspace, 50, margin=4.0, copies=0, params=first.params,
+                      keep_inputs=inputs[0:1], keep_targets=first_target)
+    with torch.no_grad():
+        assert editable.logits(inputs[0:1], kept.params).argmax(1).item() == first_target.item()
+        assert kept.success
+
+
+def test_local_editor_is_pure_and_registered(tiny):
+    editable, inputs = tiny
+    before = {k: v.clone() for k, v in editable.model.state_dict().items()}
+    editor = create_editor("local", anchors=torch.randint(0, 256, (32, 3, 8, 8), dtype=torch.uint8))
+    with torch.no_grad():
+        target = editable.logits(inputs[:1]).argmin(1)
+    result = edit(editable, inputs[:1], target, editor, max_steps=50)
+    assert result.success and result.steps >= 1
+    for key, value in editable.model.state_dict().items():
+        assert torch.equal(value, before[key]), f"{key} changed"
+    assert not torch.equal(result.params["body.0.weight"], before["body.0.weight"])
+    with pytest.raises(ValueError, match="differentiable"):
+        edit(editable, inputs[:1], target, editor, max_steps=5, order="second")
+    with pytest.raises(ValueError):
+        create_editor("local", energy=0.0)
