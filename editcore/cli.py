@@ -339,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="default", choices=sorted(RECIPES),
                    help="settings for the flags not given: 'default' (the defaults below) or 'paper' (the paper's "
                         "code: editable, from scratch, Adam lr 1e-3, no decay or schedule, clip 10, rmsprop-paper "
-                        "editor, 200 epochs, 5000 held-out training images, patience 20)")
+                        "editor, 200 epochs, 2000 held-out training images, 50 edits, patience 20)")
     p.add_argument("--arch", default="resnet20", choices=sorted(MODELS))
     p.add_argument("--epochs", type=int, default=None, help="default 30")
     p.add_argument("--batch-size", type=int, default=None, help="the global batch, split across processes (default 128)")

@@ -97,8 +97,8 @@ RECIPES: dict[str, dict] = {
     "default": {},
     "paper": dict(editable=True, optimizer="adam", lr=1e-3, weight_decay=0.0, schedule="constant", warmup_epochs=0.0,
                   clip_grad_norm=10.0, editor="rmsprop-paper", editor_lr=1e-3, learnable_editor=True, max_steps=10,
-                  c_edit=0.01, c_loc=0.01, order="second", edit_targets="random", epochs=200, val_size=5000,
-                  val_edits=100, patience=20),
+                  c_edit=0.01, c_loc=0.01, order="second", edit_targets="random", epochs=200, val_size=2000,
+                  val_edits=50, patience=20),
 }
 
 
