@@ -101,7 +101,8 @@ def run_training(args, device: torch.device) -> int:
     resume = load_state(args.resume) if args.resume else None
     if resume:
         meta = resume["meta"]
-        meta["resumed"] = meta.get("resumed", []) + [{"command": command, "git_commit": git_commit()}]
+        if not args.checkpoint_from_state:
+            meta["resumed"] = meta.get("resumed", []) + [{"command": command, "git_commit": git_commit()}]
     else:  # the code that trains, not whatever HEAD is when training ends
         meta = {"command": command, "git_commit": git_commit(), "init": args.init, "train_subset": args.train_subset,
                 "recipe": args.recipe}
@@ -129,9 +130,12 @@ def run_training(args, device: torch.device) -> int:
         say(f"{'resuming' if resume else 'training'} {args.arch} on {len(train_set)} images, device {device}"
             + (f", {dist.get_world_size()} processes" if dist.is_initialized() else "")
             + (f", state {state_path}" if state_path else ""))
+    if args.checkpoint_from_state and not resume:
+        raise SystemExit("--checkpoint-from-state needs --resume STATE")
     model, editor, summary = train(config, train_set, test_set, device, init_model, init_editor, log=say,
                                    state_path=state_path, state_every_steps=args.state_every_steps, resume=resume,
-                                   stop_after_steps=args.stop_after_steps, state_meta=meta)
+                                   stop_after_steps=args.stop_after_steps, state_meta=meta,
+                                   train_more=not args.checkpoint_from_state)
     if dist.is_initialized() and dist.get_rank() != 0:
         return 0
     if not summary["finished"]:
@@ -162,6 +166,9 @@ def run_training(args, device: torch.device) -> int:
         "train_config": config,
         "history": summary["history"],
     }
+    if args.checkpoint_from_state:
+        card["from_state"] = {"command": command, "state": args.resume, "epochs_done": summary["epochs_done"], "steps": summary["steps"],
+                              "finished": resume["finished"]}
     for key in ("best_epoch", "best_val_score", "editor_trained"):
         if key in summary:
             card[key] = summary[key]
@@ -381,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "writing the state back there unless --state says otherwise")
     p.add_argument("--stop-after-steps", type=int, default=0,
                    help="stop after N steps in all, state written, no checkpoint (split a run into sessions)")
+    p.add_argument("--checkpoint-from-state", action="store_true",
+                   help="with --resume: train no further, write --out from the state's best epoch so far (its latest "
+                        "weights without --val-size), and leave the state as it is (look at a run while it goes on)")
     p.add_argument("--out", required=True, help="output .safetensors path (card also written as .json)")
     p.set_defaults(func=cmd_train)
 

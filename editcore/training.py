@@ -288,6 +288,7 @@ def train(
     resume: dict | None = None,
     stop_after_steps: int = 0,
     state_meta: dict | None = None,
+    train_more: bool = True,
 ) -> tuple[StagedNet, Editor | None, dict]:
     """Train and return (model, editor or None, summary dict for the model card).
 
@@ -295,7 +296,9 @@ def train(
     steps); `resume` (from `train_state.load_state`) continues such a run with its own config (`config`,
     `init_model` and `init_editor` are then ignored). `stop_after_steps` > 0 stops once that many steps are
     done in all, as an interruption would, after writing the state: summary['finished'] is then False.
-    `state_meta` is stored in the state as is (the CLI keeps its command and data there). Under torchrun
+    `state_meta` is stored in the state as is (the CLI keeps its command and data there). `train_more=False`
+    with `resume` takes no step and returns the state's best epoch so far (its latest weights without a
+    validation split), writing nothing: summary['epochs_done'] says how far the run had come. Under torchrun
     (a process group is initialised) every rank calls this; only rank 0 logs and writes the state.
     """
     rank, world = rank_and_world()
@@ -370,7 +373,7 @@ def train(
         })
 
     interrupted = False
-    while epoch < config.epochs and not interrupted:
+    while train_more and epoch < config.epochs and not interrupted:
         if batch == 0:
             order = torch.randperm(len(train_set), generator=data_gen).to(device)
             sums = {}
@@ -438,7 +441,8 @@ def train(
         write_state(finished=False)
         log(f"stopped after step {step} as asked; continue with the state {state_path}")
     summary = {"config": asdict(config), "wall_seconds": round(seconds_before + time.time() - start, 1),
-               "history": history, "world_size": world, "finished": not interrupted, "steps": step}
+               "history": history, "world_size": world, "finished": not interrupted, "steps": step,
+               "epochs_done": epoch}
     if best is not None and not interrupted:
         model.load_state_dict(best["model"])
         if editor is not None:

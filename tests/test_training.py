@@ -137,6 +137,12 @@ def test_paper_recipe_on_the_sample_writes_a_card_with_the_outer_and_editor_sett
               "--val-edits", "2", "--batch-size", "32", "--max-steps", "2", "--device", "cpu", "--out", str(out)]
     assert main(common + ["--state", str(state), "--stop-after-steps", "3"]) == 0
     assert state.is_file() and not out.exists()  # interrupted: a state, no checkpoint
+    written = state.read_bytes()
+    assert main(["train", "--resume", str(state), "--checkpoint-from-state", "--out", str(out)]) == 0
+    assert state.read_bytes() == written  # a look at the run so far leaves its state alone
+    so_far = load_checkpoint(out).card
+    assert so_far["from_state"]["epochs_done"] == 1 and not so_far["from_state"]["finished"] and so_far["best_epoch"] == 1
+    assert "resumed" not in so_far
     assert main(["train", "--resume", str(state), "--out", str(out)]) == 0
 
     ckpt = load_checkpoint(out)
