@@ -97,6 +97,8 @@ def cmd_train(args) -> int:
 
 
 def run_training(args, device: torch.device) -> int:
+    if args.checkpoint_from_state and not args.resume:
+        raise SystemExit("--checkpoint-from-state needs --resume STATE")
     command = "python -m editcore " + shlex.join(args.argv)
     resume = load_state(args.resume) if args.resume else None
     if resume:
@@ -127,11 +129,10 @@ def run_training(args, device: torch.device) -> int:
         config.edit_targets, config.rank_probs = "match-ranks", meta["match_ranks"]["rank_probs"]
     state_path = args.state or args.resume
     if not dist.is_initialized() or dist.get_rank() == 0:
-        say(f"{'resuming' if resume else 'training'} {args.arch} on {len(train_set)} images, device {device}"
+        arch = resume["config"]["arch"] if resume else config.arch
+        say(f"{'resuming' if resume else 'training'} {arch} on {len(train_set)} images, device {device}"
             + (f", {dist.get_world_size()} processes" if dist.is_initialized() else "")
             + (f", state {state_path}" if state_path else ""))
-    if args.checkpoint_from_state and not resume:
-        raise SystemExit("--checkpoint-from-state needs --resume STATE")
     model, editor, summary = train(config, train_set, test_set, device, init_model, init_editor, log=say,
                                    state_path=state_path, state_every_steps=args.state_every_steps, resume=resume,
                                    stop_after_steps=args.stop_after_steps, state_meta=meta,
