@@ -17,8 +17,8 @@ from editcore import (CLASSES, DEFAULT_EDITOR, EDITORS, SOURCE_TEST, SOURCE_UPLO
 
 from . import render
 
-EDITOR_LABELS = {"local": "Local (one conv, projected)", "rmsprop": "RMSProp", "gd": "Gradient descent",
-                 "momentum": "Momentum", "adam": "Adam"}
+EDITOR_LABELS = {"local": "Local (one conv, projected)", "rmsprop": "RMSProp", "rmsprop-paper": "RMSProp (paper code)",
+                 "gd": "Gradient descent", "momentum": "Momentum", "adam": "Adam"}
 SORT_LABELS = {"index": "image index", "confidence-asc": "confidence, lowest first",
                "confidence-desc": "confidence, highest first", "loss-desc": "loss, highest first"}
 ALL_CLASSES = "all"

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from . import data as data_mod
 from . import nae as nae_mod
@@ -21,7 +22,8 @@ from .editors import EDITORS, create_editor
 from .fixers import FINETUNE_DEFAULT_LR, FIXERS, LOOKUP_DEFAULT_THRESHOLD, EditorFixer, FinetuneFixer, Fixer, LookupFixer
 from .metrics import HeldOutEvaluator, evaluate_edits
 from .models import MODELS, create_model
-from .training import TrainConfig, accuracy, train
+from .train_state import load_state
+from .training import RECIPES, SCHEDULES, TrainConfig, accuracy, recipe_config, train
 
 
 def say(*parts) -> None:
@@ -45,8 +47,6 @@ def add_common(p: argparse.ArgumentParser) -> None:
 def rank_targets_from_nae(args, init_model, device):
     """Match-ranks: P(rank) from the true labels' ranks on the NAE set under the starting model.
     Returns that model (created from the seed when there is no --init) and the card entry."""
-    if not args.editable:
-        raise SystemExit("--edit-targets match-ranks applies to editable training: add --editable")
     nae_set = nae_mod.load_nae(args.nae)
     if init_model is None:
         torch.manual_seed(args.seed)  # the same initial weights train() would create from this seed
@@ -60,56 +60,122 @@ def rank_targets_from_nae(args, init_model, device):
     return init_model, entry
 
 
+# Training flags a --recipe may set: argparse leaves them None unless given (dest = TrainConfig field).
+RECIPE_FLAGS = ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "warmup_epochs", "schedule", "clip_grad_norm",
+                "editable", "editor", "editor_lr", "max_steps", "c_edit", "c_loc", "val_size", "val_edits", "patience")
+
+
+def train_config_from_args(args) -> TrainConfig:
+    given = {name: getattr(args, name) for name in RECIPE_FLAGS if getattr(args, name) is not None}
+    if args.fixed_editor:
+        given["learnable_editor"] = False
+    if args.first_order:
+        given["order"] = "first"
+    return recipe_config(args.recipe, arch=args.arch, seed=args.seed, editable_prefix=args.editable_prefix,
+                         time_budget_s=args.time_budget_s, **given)
+
+
+def init_distributed(device: torch.device) -> torch.device:
+    """Under torchrun: join the process group (nccl on GPUs, one per local rank; gloo on CPU)."""
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
 def cmd_train(args) -> int:
     device = pick_device(args.device)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        device = init_distributed(device)
+    try:
+        return run_training(args, device)
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+
+
+def run_training(args, device: torch.device) -> int:
+    if args.checkpoint_from_state and not args.resume:
+        raise SystemExit("--checkpoint-from-state needs --resume STATE")
+    command = "python -m editcore " + shlex.join(args.argv)
+    resume = load_state(args.resume) if args.resume else None
+    if resume:
+        meta = resume["meta"]
+        if not args.checkpoint_from_state:
+            meta["resumed"] = meta.get("resumed", []) + [{"command": command, "git_commit": git_commit()}]
+    else:  # the code that trains, not whatever HEAD is when training ends
+        meta = {"command": command, "git_commit": git_commit(), "init": args.init, "train_subset": args.train_subset,
+                "recipe": args.recipe}
     train_set, test_set = load_split("train", args.data_root), load_split("test", args.data_root)
-    if args.train_subset:
-        train_set = train_set.subset(torch.arange(min(args.train_subset, len(train_set))))
-    config = TrainConfig(
-        arch=args.arch, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
-        weight_decay=args.weight_decay, seed=args.seed, editable=args.editable, editable_prefix=args.editable_prefix,
-        editor=args.editor, editor_lr=args.editor_lr, learnable_editor=not args.fixed_editor, max_steps=args.max_steps,
-        c_edit=args.c_edit, c_loc=args.c_loc, order="first" if args.first_order else "second",
-        warmup_epochs=args.warmup_epochs, time_budget_s=args.time_budget_s,
-    )
+    if meta["train_subset"]:
+        train_set = train_set.subset(torch.arange(min(meta["train_subset"], len(train_set))))
+    data = {"train": train_set.source, "n_train": len(train_set)}
+    if resume and meta["data"] != data:
+        raise ValueError(f"the state was trained on {meta['data']}, this data is {data}: pass the same --data-root")
+    meta["data"] = data
+    config = train_config_from_args(args)
     init_model = init_editor = None
-    if args.init:
+    if args.init and not resume:
         init = load_checkpoint(args.init, device)
         if init.card["arch"] != args.arch:
             raise SystemExit(f"--init is a {init.card['arch']} checkpoint but --arch is {args.arch}")
-        init_model, init_editor = init.model, (init.editor if init.editor and init.editor.name == args.editor else None)
-    match_ranks = None
-    if args.edit_targets == "match-ranks":
-        init_model, match_ranks = rank_targets_from_nae(args, init_model, device)
-        config.edit_targets, config.rank_probs = "match-ranks", match_ranks["rank_probs"]
-    torch.manual_seed(args.seed)
-    commit = git_commit()  # the code that trains, not whatever HEAD is when training ends
-    say(f"training {args.arch} on {len(train_set)} images, device {device}, "
-        f"{'editable' if args.editable else 'baseline'} objective")
-    model, editor, summary = train(config, train_set, test_set, device, init_model, init_editor, log=say)
+        init_model, init_editor = init.model, (init.editor if init.editor and init.editor.name == config.editor else None)
+    if args.edit_targets == "match-ranks" and not resume:
+        if not config.editable:
+            raise SystemExit("--edit-targets match-ranks applies to editable training: add --editable")
+        init_model, meta["match_ranks"] = rank_targets_from_nae(args, init_model, device)
+        config.edit_targets, config.rank_probs = "match-ranks", meta["match_ranks"]["rank_probs"]
+    state_path = args.state or args.resume
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        arch = resume["config"]["arch"] if resume else config.arch
+        say(f"{'resuming' if resume else 'training'} {arch} on {len(train_set)} images, device {device}"
+            + (f", {dist.get_world_size()} processes" if dist.is_initialized() else "")
+            + (f", state {state_path}" if state_path else ""))
+    model, editor, summary = train(config, train_set, test_set, device, init_model, init_editor, log=say,
+                                   state_path=state_path, state_every_steps=args.state_every_steps, resume=resume,
+                                   stop_after_steps=args.stop_after_steps, state_meta=meta,
+                                   train_more=not args.checkpoint_from_state)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return 0
+    if not summary["finished"]:
+        say(f"no checkpoint yet: continue with --resume {state_path}")
+        return 0
     test = test_set.to(device)
+    config = summary["config"]
     card = {
-        "arch": args.arch,
+        "arch": config["arch"],
         "params": sum(p.numel() for p in model.parameters()),
-        "objective": "editable" if args.editable else "baseline",
-        "editable_prefix": summary["config"]["editable_prefix"],
-        "data": {"train": train_set.source, "n_train": len(train_set), "test": test.source, "n_test": len(test)},
-        "command": "python -m editcore " + shlex.join(sys.argv[1:]),
-        "init": args.init or None,
-        "seed": args.seed,
-        "epochs": summary["config"]["epochs"],
+        "objective": "editable" if config["editable"] else "baseline",
+        "editable_prefix": config["editable_prefix"],
+        "data": {**meta["data"], "test": test.source, "n_test": len(test)},
+        "command": meta["command"],
+        "init": meta["init"],
+        "recipe": meta["recipe"],
+        "seed": config["seed"],
+        "epochs": config["epochs"],
+        "steps": summary["steps"],
+        "world_size": summary["world_size"],
         "test_accuracy": accuracy(model, test.images, test.labels),
         "wall_seconds": summary["wall_seconds"],
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "git_commit": commit,
+        "git_commit": meta["git_commit"],
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "train_config": summary["config"],
+        "train_config": config,
         "history": summary["history"],
     }
-    if match_ranks is not None:
-        card["match_ranks"] = match_ranks
+    if args.checkpoint_from_state:
+        card["from_state"] = {"command": command, "state": args.resume, "epochs_done": summary["epochs_done"], "steps": summary["steps"],
+                              "finished": resume["finished"]}
+    for key in ("best_epoch", "best_val_score", "editor_trained"):
+        if key in summary:
+            card[key] = summary[key]
+    for key in ("match_ranks", "resumed"):
+        if key in meta:
+            card[key] = meta[key]
     exact = test.indices < 1000
     if test.source == "cifar10-test" and bool(exact.any()):
         card["test_accuracy_exact_0_999"] = accuracy(model, test.images[exact], test.labels[exact])
@@ -278,29 +344,54 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="baseline or editable training; writes safetensors + model card")
     add_common(p)
+    p.add_argument("--recipe", default="default", choices=sorted(RECIPES),
+                   help="settings for the flags not given: 'default' (the defaults below) or 'paper' (the paper's "
+                        "code: editable, from scratch, Adam lr 1e-3, no decay or schedule, clip 10, rmsprop-paper "
+                        "editor, 200 epochs, 2000 held-out training images, 50 edits, patience 20)")
     p.add_argument("--arch", default="resnet20", choices=sorted(MODELS))
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--optimizer", default="", choices=["", "sgd", "adam"], help="default: sgd, or adam with --editable")
-    p.add_argument("--lr", type=float, default=0.0, help="peak outer learning rate (default 0.1 sgd / 1e-3 adam)")
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--epochs", type=int, default=None, help="default 30")
+    p.add_argument("--batch-size", type=int, default=None, help="the global batch, split across processes (default 128)")
+    p.add_argument("--optimizer", default=None, choices=["sgd", "adam"], help="default: sgd, or adam with --editable")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak outer learning rate (default 0.1 sgd / 1e-3 adam, times batch size / 128)")
+    p.add_argument("--weight-decay", type=float, default=None, help="default 5e-4")
+    p.add_argument("--warmup-epochs", type=float, default=None, help="linear warm-up (default 1)")
+    p.add_argument("--schedule", default=None, choices=SCHEDULES, help="after warm-up (default cosine)")
+    p.add_argument("--clip-grad-norm", type=float, default=None, help="clip the outer gradient's norm (default 0: off)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--editable", action="store_true", help="editable training (L_base + c_edit L_edit + c_loc L_loc)")
+    p.add_argument("--editable", action="store_true", default=None,
+                   help="editable training (L_base + c_edit L_edit + c_loc L_loc)")
     p.add_argument("--editable-prefix", default="", help="module prefix(es) the editor changes (default: arch's, layer3)")
-    p.add_argument("--editor", default="rmsprop", choices=sorted(EDITORS))
-    p.add_argument("--editor-lr", type=float, default=1e-3)
+    p.add_argument("--editor", default=None, choices=sorted(EDITORS), help="default rmsprop")
+    p.add_argument("--editor-lr", type=float, default=None, help="default 1e-3")
     p.add_argument("--fixed-editor", action="store_true", help="do not learn the editor's lr/beta")
-    p.add_argument("--max-steps", type=int, default=10, help="k, the editor's step budget")
-    p.add_argument("--c-edit", type=float, default=0.01)
-    p.add_argument("--c-loc", type=float, default=0.01)
+    p.add_argument("--max-steps", type=int, default=None, help="k, the editor's step budget (default 10)")
+    p.add_argument("--c-edit", type=float, default=None, help="default 0.01")
+    p.add_argument("--c-loc", type=float, default=None, help="default 0.01")
     p.add_argument("--first-order", action="store_true", help="do not backpropagate through the editor's gradients")
+    p.add_argument("--val-size", type=int, default=None,
+                   help="hold out the last N training images; keep the epoch with the lowest error + drawdown on them "
+                        "(default 0: keep the last epoch)")
+    p.add_argument("--val-edits", type=int, default=None, help="seeded edits scoring the held-out drawdown (default 50)")
+    p.add_argument("--patience", type=int, default=None,
+                   help="stop after N epochs without a better held-out score (default 0: never)")
     p.add_argument("--init", default=None, help="start from this checkpoint (fine-tuning)")
     p.add_argument("--train-subset", type=int, default=0, help="use only the first N training images")
     p.add_argument("--time-budget-s", type=float, default=0.0, help="cut --epochs early on to fit this many seconds")
     p.add_argument("--edit-targets", default="random", choices=["random", "match-ranks"],
                    help="editable training's edit targets: uniform classes, or ranks drawn as on the NAE set (--nae)")
     p.add_argument("--nae", default=str(nae_mod.DEFAULT_PATH), help="NAE set for --edit-targets match-ranks")
+    p.add_argument("--state", default=None,
+                   help="write the resumable training state here (.safetensors + .json) after every epoch")
+    p.add_argument("--state-every-steps", type=int, default=0, help="also write the state every N steps")
+    p.add_argument("--resume", default=None,
+                   help="continue the run whose --state this is, with its settings (training flags are ignored), "
+                        "writing the state back there unless --state says otherwise")
+    p.add_argument("--stop-after-steps", type=int, default=0,
+                   help="stop after N steps in all, state written, no checkpoint (split a run into sessions)")
+    p.add_argument("--checkpoint-from-state", action="store_true",
+                   help="with --resume: train no further, write --out from the state's best epoch so far (its latest "
+                        "weights without --val-size), and leave the state as it is (look at a run while it goes on)")
     p.add_argument("--out", required=True, help="output .safetensors path (card also written as .json)")
     p.set_defaults(func=cmd_train)
 
@@ -368,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
     try:
         return args.func(args)
     except (data_mod.DataError, ValueError, FileNotFoundError) as exc:

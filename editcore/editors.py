@@ -29,20 +29,28 @@ class Editor(nn.Module):
     default_layers: str | None = None  # None: the checkpoint's editable prefix (paper, CIFAR: layer3)
     beta_names: tuple[str, ...] = ()
     beta_defaults: tuple[float, ...] = ()
+    frozen: tuple[str, ...] = ()  # parameters that stay fixed even when the editor is learnable
 
     def __init__(self, lr: float | None = None, learnable: bool = False, **betas: float):
         super().__init__()
         lr = self.default_lr if lr is None else float(lr)
         if not (math.isfinite(lr) and lr > 0):
             raise ValueError(f"learning rate must be a positive number, got {lr}")
-        self.log_lr = nn.Parameter(torch.tensor(math.log(lr)), requires_grad=learnable)
+        self.log_lr = nn.Parameter(torch.tensor(math.log(lr)))
         for name, default in zip(self.beta_names, self.beta_defaults):
             value = float(betas.pop(name, default))
             if not 0.0 < value < 1.0:
                 raise ValueError(f"{name} must lie strictly between 0 and 1, got {value}")
-            self.register_parameter(f"logit_{name}", nn.Parameter(torch.tensor(_logit(value)), requires_grad=learnable))
+            self.register_parameter(f"logit_{name}", nn.Parameter(torch.tensor(_logit(value))))
         if betas:
             raise ValueError(f"{self.name} takes no {sorted(betas)}")
+        self.set_learnable(learnable)
+
+    def set_learnable(self, learnable: bool) -> "Editor":
+        """Train the lr/betas with the model (all but `frozen`), or keep them fixed."""
+        for name, param in self.named_parameters():
+            param.requires_grad_(learnable and name not in self.frozen)
+        return self
 
     @property
     def lr(self) -> torch.Tensor:
@@ -103,6 +111,24 @@ class RMSProp(Editor):
         return {n: p - lr * grads[n] / (square[n] + self.eps).sqrt() for n, p in params.items()}, {"square": square}
 
 
+class PaperRMSProp(RMSProp):
+    """The paper code's IngraphRMSProp (its CIFAR notebook): the running average starts at the first g^2,
+    so every edit's first step is lr * sign(g); beta starts at 0.5 and is learnable, the lr stays fixed."""
+
+    name = "rmsprop-paper"
+    default_lr = 1e-3
+    beta_defaults = (0.5,)
+    frozen = ("log_lr",)
+
+    def init_state(self, params):
+        return {"square": None}
+
+    def step(self, params, grads, state):
+        if state["square"] is None:  # beta * g^2 + (1 - beta) * g^2 = g^2: the average starts at the first g^2
+            state = {"square": {n: grads[n] ** 2 for n in params}}
+        return super().step(params, grads, state)
+
+
 class Adam(Editor):
     name = "adam"
     default_lr = 1e-4
@@ -124,7 +150,7 @@ class Adam(Editor):
         return new, {"mean": mean, "square": square, "t": t}
 
 
-EDITORS: dict[str, type[Editor]] = {cls.name: cls for cls in (GradientDescent, Momentum, RMSProp, Adam)}
+EDITORS: dict[str, type[Editor]] = {cls.name: cls for cls in (GradientDescent, Momentum, RMSProp, PaperRMSProp, Adam)}
 
 
 def register_editor(cls: type[Editor]) -> type[Editor]:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from editcore import EditableModel, TrainConfig, load_sample, train
+from editcore import EditableModel, ImageSet, TrainConfig, load_sample, train
 from editcore.models import StagedNet
 
 N_CLASSES = 10
@@ -31,6 +31,13 @@ def make_tiny(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyNet:
     model.body[1].running_mean.uniform_(-0.2, 0.2)
     model.body[1].running_var.uniform_(0.5, 1.5)
     return model.to(dtype).eval()
+
+
+def tiny_images(n: int = 40, seed: int = 0) -> ImageSet:
+    """n random 3x8x8 uint8 images with random labels: training data for TinyNet."""
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, 8, 8), generator=gen, dtype=torch.uint8)
+    return ImageSet(images, torch.randint(0, N_CLASSES, (n,), generator=gen), torch.arange(n), "synthetic")
 
 
 @pytest.fixture

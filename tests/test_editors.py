@@ -10,7 +10,7 @@ from editcore.editors import editor_from_state
 from conftest import make_tiny
 
 # Learning rates at which each editor fixes the tiny model in a few steps.
-CONVERGING_LR = {"gd": 0.1, "momentum": 0.1, "rmsprop": 0.01, "adam": 0.01}
+CONVERGING_LR = {"gd": 0.1, "momentum": 0.1, "rmsprop": 0.01, "rmsprop-paper": 0.01, "adam": 0.01}
 # Editors that take per-step updates (the local editor runs its own procedure: tests/test_locality.py).
 STEP_EDITORS = sorted(name for name, cls in EDITORS.items() if not hasattr(cls, "apply_edit"))
 
@@ -109,7 +109,8 @@ def analytic_and_numeric(editor_name, order, directions=3, eps=1e-6):
     editable = EditableModel(model, "body")
     editor = create_editor(editor_name, lr=1e-3, learnable=True).double()
     inputs = torch.randn(6, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-    leaves = list(model.parameters()) + list(editor.parameters())
+    named = list(model.named_parameters()) + [(n, p) for n, p in editor.named_parameters() if p.requires_grad]
+    leaves = [p for _, p in named]
 
     loss = after_edit_objective(editable, editor, inputs, order)
     grads = torch.autograd.grad(loss, leaves)
@@ -131,7 +132,7 @@ def analytic_and_numeric(editor_name, order, directions=3, eps=1e-6):
         numeric = (values[0] - values[1]) / (2 * eps)
         analytic = float(sum((g * v).sum() for g, v in zip(grads, direction)))
         pairs.append((analytic, numeric))
-    return pairs, dict(zip([n for n, _ in model.named_parameters()] + [n for n, _ in editor.named_parameters()], grads))
+    return pairs, dict(zip([n for n, _ in named], grads))
 
 
 @pytest.mark.parametrize("name", STEP_EDITORS)
@@ -161,9 +162,27 @@ def test_learnable_hyperparameters_receive_gradients(name):
     hyper = dict(editor.named_parameters())
     assert set(hyper) == {"log_lr"} | {f"logit_{b}" for b in editor.beta_names}
     for key, param in hyper.items():
-        assert param.grad is not None and torch.isfinite(param.grad) and param.grad.abs() > 0, key
+        if key in editor.frozen:
+            assert param.grad is None, key
+        else:
+            assert param.grad is not None and torch.isfinite(param.grad) and param.grad.abs() > 0, key
 
 
 def test_fixed_editor_hyperparameters_are_not_trained():
     editor = create_editor("rmsprop")
     assert not any(p.requires_grad for p in editor.parameters())
+
+
+def test_paper_rmsprop_first_step_is_lr_times_sign_and_its_lr_stays_fixed():
+    grads = {"w": torch.tensor([[3.0, -0.2], [0.5, -40.0]])}
+    params = {"w": torch.zeros(2, 2)}
+    editor = create_editor("rmsprop-paper", learnable=True)
+    assert editor.hyperparameters() == pytest.approx({"lr": 1e-3, "beta": 0.5})
+    new, state = editor.step(params, grads, editor.init_state(params))
+    assert torch.allclose(new["w"], -1e-3 * grads["w"].sign(), rtol=1e-6, atol=0)
+    assert torch.equal(state["square"]["w"], grads["w"] ** 2)
+    plain = create_editor("rmsprop", lr=1e-3)  # its average starts at 0: a first step 1/sqrt(1 - 0.9) times larger
+    first, _ = plain.step(params, grads, plain.init_state(params))
+    assert torch.allclose(first["w"], new["w"] * 10**0.5, rtol=1e-5)
+    assert [n for n, p in editor.named_parameters() if p.requires_grad] == ["logit_beta"]
+    assert not any(p.requires_grad for p in editor.set_learnable(False).parameters())
