@@ -9,7 +9,7 @@ Every method sees the same seeded edits. Held-out images never include an edited
 edits come from test 1000-9999 and the held-out set is the pixel-exact test 0-999 (`--heldout full`:
 all 10,000 test images, each edit scored without the images it edited); without one, both come from
 the embedded sample and each edit is scored without its own image. Corrections are drawn from images
-that every `--checkpoint` gets wrong, so models are compared on the same corrections.
+that every `--checkpoint` (or `--corrections-of`) gets wrong, so models are compared on the same corrections.
 
     python bench/locality.py --data-root ../shared/data/cifar10 --protocols R C S20 --n 100 \\
         --method rmsprop@layer3 --method local@layer3.0.conv1
@@ -167,6 +167,9 @@ def main(argv=None) -> int:
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--checkpoint", action="append", default=None,
                         help="default: assets/resnet20_baseline.safetensors and assets/resnet20_editable.safetensors")
+    parser.add_argument("--corrections-of", action="append", default=None,
+                        help="checkpoints whose shared mistakes the C and S corrections come from (default: --checkpoint's; "
+                             "give the same list to runs that are compared)")
     parser.add_argument("--method", action="append", default=None, help="EDITOR@LAYERS[,key=value...] (repeat)")
     parser.add_argument("--protocols", nargs="+", default=["R", "C", "S20"], help="R, C, S<K> (e.g. S20 S50)")
     parser.add_argument("--n", type=int, default=100, help="edits per single-edit protocol")
@@ -187,14 +190,13 @@ def main(argv=None) -> int:
     if has_root:
         edits = test.subset(range(EXACT_TEST, len(test)))
         heldout_set = test if args.heldout == "full" else test.subset(range(EXACT_TEST))
-        anchors = load_cifar10("train", args.data_root)
-        anchors = anchors.subset(torch.randperm(len(anchors), generator=torch.Generator().manual_seed(0))[:2000])
     else:
-        edits, heldout_set, anchors = test, test, load_train_sample()
+        edits, heldout_set = test, test
+    anchors = load_train_sample()  # the local editor's anchors in the product, with or without a data root
     models = {Path(c).stem: load_checkpoint(c, device).model.eval() for c in checkpoints}
     mistakes = torch.ones(len(edits), dtype=torch.bool)
-    for model in models.values():
-        mistakes &= (full_logits(model, edits.images).argmax(1) != edits.labels)
+    for path in args.corrections_of or checkpoints:
+        mistakes &= (full_logits(load_checkpoint(path, device).model.eval(), edits.images).argmax(1) != edits.labels)
     wrong_predictions = torch.where(mistakes, (edits.labels + 1) % 10, edits.labels)
     draws = {"R": draw_edits(edits, args.n, args.seed, "other"),
              "C": draw_edits(edits, args.n, args.seed, "corrections", predictions=wrong_predictions)}
@@ -219,8 +221,8 @@ def main(argv=None) -> int:
             row["seconds"] = time.perf_counter() - started
             results.append(row)
             print(format_row(row, args.protocols), flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"argv": sys.argv[1:], "results": results}, indent=1))
+            if args.json:  # after every row, so a long run that is stopped keeps what it measured
+                Path(args.json).write_text(json.dumps({"argv": sys.argv[1:], "results": results}, indent=1))
     return 0
 
 
