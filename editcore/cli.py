@@ -21,6 +21,7 @@ from .editors import EDITORS, create_editor
 from .fixers import FINETUNE_DEFAULT_LR, FIXERS, LOOKUP_DEFAULT_THRESHOLD, EditorFixer, FinetuneFixer, Fixer, LookupFixer
 from .metrics import HeldOutEvaluator, evaluate_edits
 from .models import MODELS, create_model
+from .torchrun import Ranks
 from .training import TrainConfig, accuracy, train
 
 
@@ -148,7 +149,14 @@ def build_fixer(args, editable: EditableModel, editor, device) -> Fixer:
 
 
 def cmd_evaluate_edits(args) -> int:
-    device = pick_device(args.device)
+    """The protocol in one process, or sharded across the processes torchrun started (see docs/SCALING.md)."""
+    ranks = Ranks.from_env()
+    device = ranks.device(pick_device(args.device))
+    with ranks.joined(device, args.threads):
+        return evaluate_edits_on_ranks(args, ranks, device)
+
+
+def evaluate_edits_on_ranks(args, ranks: Ranks, device: torch.device) -> int:
     ckpt = load_checkpoint(args.checkpoint, device)
     prefix = args.editable_prefix or ckpt.card.get("editable_prefix") or "layer3"
     editable = EditableModel(ckpt.model, prefix)
@@ -159,18 +167,25 @@ def cmd_evaluate_edits(args) -> int:
     if args.protocol == "nae":
         (edit_set, test_set), targets = nae_protocol_sets(args, test_set), "true"
     heldout_set = test_set if not args.heldout_size else test_set.subset(torch.arange(min(args.heldout_size, len(test_set))))
-    evaluator = HeldOutEvaluator(editable, heldout_set.images.to(device), heldout_set.labels.to(device))
+    evaluator = HeldOutEvaluator(editable, heldout_set.images.to(device), heldout_set.labels.to(device),
+                                 mixed_precision=False if args.precision == "float32" else None)
     fixer = build_fixer(args, editable, editor, device)
     using = (f"{editor.name} {editor.hyperparameters()} ({'learned' if learned else 'given'})" if args.fixer == "editor"
              else f"{fixer.name} {fixer.hyperparameters()}")
-    say(f"{args.n_edits} edits with {using}, held-out {len(heldout_set)} images, base error {evaluator.base_error:.4f}")
-    step = max(1, args.n_edits // 10)
+    if ranks.is_main:
+        say(f"{args.n_edits} edits with {using}, held-out {len(heldout_set)} images ({evaluator.precision}), "
+            f"base error {evaluator.base_error:.4f}, {ranks.world_size} process(es) x {torch.get_num_threads()} thread(s)")
+    step = max(1, args.n_edits // ranks.world_size // 10)
     summary, records = evaluate_edits(
         editable, editor, evaluator, edit_set, n_edits=args.n_edits, targets=targets, seed=args.seed, max_steps=args.max_steps,
-        progress=lambda i, n: say(f"  {i}/{n} edits") if i % step == 0 else None, fixer=fixer, verbose=args.verbose,
+        progress=lambda i, n: say(f"  {i}/{n} edits") if ranks.is_main and i % step == 0 else None, fixer=fixer,
+        verbose=args.verbose, ranks=ranks,
     )
+    if not ranks.is_main:
+        return 0
     summary.update(checkpoint=str(args.checkpoint), editor=editor.name, editor_hparams=editor.hyperparameters(),
-                   editor_learned=learned, protocol=args.protocol, device=str(device), data=test_set.source)
+                   editor_learned=learned, protocol=args.protocol, device=str(device), data=test_set.source,
+                   threads=torch.get_num_threads())
     if args.protocol == "nae":
         summary.update(nae=str(args.nae), n_nae=len(edit_set))
     if args.records:
@@ -332,6 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-steps", type=int, default=100, help="fine-tuning step budget per fix")
     p.add_argument("--replay-ratio", type=int, default=15, help="replayed training images per corrected sample in each step")
     p.add_argument("--verbose", action="store_true", help="add per-augmentation-family generalization")
+    p.add_argument("--precision", default="auto", choices=["auto", "float32"],
+                   help="held-out re-evaluation: auto = bfloat16 with float32 for low-margin rows where bfloat16 is "
+                        "native (same predictions as float32), else float32; float32 = always float32")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads (0: torch's default, or under torchrun the cores split among the local ranks)")
     p.set_defaults(func=cmd_evaluate_edits)
 
     p = sub.add_parser("build-nae", help="build CIFAR-10-NAE by adversarial filtration (docs/NAE.md)")
