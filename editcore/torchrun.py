@@ -30,6 +30,7 @@ class Ranks:
     world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1
+    launched: bool = False  # started by torchrun (even as its only process): join a process group
 
     @classmethod
     def from_env(cls) -> Ranks:
@@ -38,7 +39,7 @@ class Ranks:
             return cls()
         world_size = int(os.environ["WORLD_SIZE"])
         local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-        return cls(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", 0)), local_world_size)
+        return cls(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", 0)), local_world_size, True)
 
     @property
     def is_main(self) -> bool:
@@ -46,7 +47,7 @@ class Ranks:
 
     def device(self, device: torch.device) -> torch.device:
         """A bare 'cuda' becomes this rank's own GPU (cuda:LOCAL_RANK); any other device stays as asked."""
-        if device.type == "cuda" and device.index is None and self.world_size > 1:
+        if device.type == "cuda" and device.index is None and self.launched:
             return torch.device("cuda", self.local_rank)
         return device
 
@@ -56,11 +57,11 @@ class Ranks:
 
     @contextlib.contextmanager
     def joined(self, device: torch.device, threads: int = 0) -> Iterator[Ranks]:
-        """Torch threads (`threads`, else the default share when there are several ranks), and the process
+        """Torch threads (`threads`, else the default share under torchrun), and under torchrun the process
         group for the duration: nccl on CUDA, gloo on CPU."""
-        if threads or self.world_size > 1:
+        if threads or self.launched:
             torch.set_num_threads(threads or self.default_threads())
-        if self.world_size == 1:
+        if not self.launched:
             yield self
             return
         if device.type == "cuda":
@@ -79,7 +80,7 @@ class Ranks:
     def gather(self, positions: list[int], items: list) -> list | None:
         """Every rank's items on rank 0, ordered by position (as one process would have made them); None
         on the other ranks. Items travel pickled between this job's own processes."""
-        if self.world_size == 1:
+        if not dist.is_initialized():
             return list(items)
         parts = [None] * self.world_size if self.is_main else None
         dist.gather_object(list(zip(positions, items)), parts, dst=0)

@@ -21,7 +21,7 @@ def test_without_torchrun_a_process_is_the_only_rank(monkeypatch):
     for name in TORCHRUN_ENV:
         monkeypatch.delenv(name, raising=False)
     ranks = Ranks.from_env()
-    assert ranks == Ranks(0, 1, 0, 1) and ranks.is_main
+    assert ranks == Ranks(0, 1, 0, 1, launched=False) and ranks.is_main
     assert list(ranks.share(5)) == [0, 1, 2, 3, 4]
     assert ranks.gather([0, 1], ["a", "b"]) == ["a", "b"]
     assert ranks.device(torch.device("cuda")) == torch.device("cuda")
@@ -33,7 +33,7 @@ def test_ranks_come_from_torchruns_environment(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     ranks = Ranks.from_env()
-    assert ranks == Ranks(5, 8, 1, 4) and not ranks.is_main
+    assert ranks == Ranks(5, 8, 1, 4, launched=True) and not ranks.is_main
     assert ranks.device(torch.device("cuda")) == torch.device("cuda", 1)  # its own GPU on this node
     assert ranks.device(torch.device("cuda:3")) == torch.device("cuda", 3)  # asked for: kept
     assert ranks.device(torch.device("cpu")) == torch.device("cpu")
