@@ -23,8 +23,8 @@ from .fixers import EditorFixer, Fixer, full_logits, inference_input
 if TYPE_CHECKING:
     from .torchrun import Ranks
 
-# Rows per batch of held-out re-evaluation. On 2-core CPUs 500-1000 ran ~15% faster than 2000-2500
-# (bench/protocol_speed.py): a batch's activations stay in cache.
+# Rows per batch of held-out re-evaluation: at M = 10,000 on a 2-core CPU, 1000 took 1.3x less CPU than
+# 2500 (bench/protocol_speed.py, docs/PERFORMANCE.md); a smaller batch's activations stay in cache.
 EVAL_BATCH = 1000
 # bfloat16's error on these logits is about 0.4% of the largest one. A row whose bfloat16 top-2 logit
 # margin is below MARGIN_ABS + MARGIN_REL * |top logit| is recomputed in float32 (tests compare with
