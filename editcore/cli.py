@@ -19,9 +19,12 @@ from .checkpoint import git_commit, load_checkpoint, read_card, save_checkpoint
 from .device import pick_device
 from .edit import EditableModel
 from .editors import EDITORS, create_editor
-from .fixers import FINETUNE_DEFAULT_LR, FIXERS, LOOKUP_DEFAULT_THRESHOLD, EditorFixer, FinetuneFixer, Fixer, LookupFixer
+from .locality import DEFAULT_EDITOR
+from .fixers import (FINETUNE_DEFAULT_LR, FIXERS, LOOKUP_DEFAULT_THRESHOLD, EditorFixer, FinetuneFixer, Fixer, LookupFixer,
+                     full_logits)
 from .metrics import HeldOutEvaluator, evaluate_edits
 from .models import MODELS, create_model
+from .torchrun import Ranks
 from .train_state import load_state
 from .training import RECIPES, SCHEDULES, TrainConfig, accuracy, recipe_config, train
 
@@ -75,25 +78,12 @@ def train_config_from_args(args) -> TrainConfig:
                          time_budget_s=args.time_budget_s, **given)
 
 
-def init_distributed(device: torch.device) -> torch.device:
-    """Under torchrun: join the process group (nccl on GPUs, one per local rank; gloo on CPU)."""
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device
-
-
 def cmd_train(args) -> int:
-    device = pick_device(args.device)
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if distributed:
-        device = init_distributed(device)
-    try:
+    """One process, or DDP across the processes torchrun started (see docs/SCALING.md)."""
+    ranks = Ranks.from_env()
+    device = ranks.device(pick_device(args.device))
+    with ranks.joined(device):
         return run_training(args, device)
-    finally:
-        if distributed:
-            dist.destroy_process_group()
 
 
 def run_training(args, device: torch.device) -> int:
@@ -214,29 +204,56 @@ def build_fixer(args, editable: EditableModel, editor, device) -> Fixer:
 
 
 def cmd_evaluate_edits(args) -> int:
-    device = pick_device(args.device)
+    """The protocol in one process, or sharded across the processes torchrun started (see docs/SCALING.md)."""
+    ranks = Ranks.from_env()
+    device = ranks.device(pick_device(args.device))
+    with ranks.joined(device, args.threads):
+        return evaluate_edits_on_ranks(args, ranks, device)
+
+
+PROTOCOL_TARGETS = {"other": "other", "corrections": "corrections", "random": "random", "nae": "true"}
+
+
+def evaluate_edits_on_ranks(args, ranks: Ranks, device: torch.device) -> int:
     ckpt = load_checkpoint(args.checkpoint, device)
-    prefix = args.editable_prefix or ckpt.card.get("editable_prefix") or "layer3"
+    learned = ckpt.editor is not None and args.editor == ckpt.editor.name and args.lr is None
+    editor = ckpt.editor if learned else create_editor(args.editor, lr=args.lr)
+    prefix = args.editable_prefix or editor.default_layers or ckpt.card.get("editable_prefix") or "layer3"
     editable = EditableModel(ckpt.model, prefix)
-    learned = ckpt.editor is not None and args.editor in (None, ckpt.editor.name) and args.lr is None
-    editor = ckpt.editor if learned else create_editor(args.editor or "rmsprop", lr=args.lr)
+    if args.max_steps is None:
+        args.max_steps = editor.default_max_steps  # build_fixer and the summary read it from args
     test_set = load_split("test", args.data_root)
-    edit_set, targets = test_set, "random"
+    targets, predictions = PROTOCOL_TARGETS[args.protocol], None
     if args.protocol == "nae":
-        (edit_set, test_set), targets = nae_protocol_sets(args, test_set), "true"
+        edit_set, test_set = nae_protocol_sets(args, test_set)
     heldout_set = test_set if not args.heldout_size else test_set.subset(torch.arange(min(args.heldout_size, len(test_set))))
-    evaluator = HeldOutEvaluator(editable, heldout_set.images.to(device), heldout_set.labels.to(device))
+    if args.protocol != "nae":
+        # Edits come from the test images outside the held-out set, so no edited image is scored as held-out
+        # (with the whole test set held out, as on the embedded sample, they overlap: each edit is 1 of M).
+        edit_set = (test_set.subset(torch.arange(len(heldout_set), len(test_set))) if len(heldout_set) < len(test_set)
+                    else test_set)
+    if args.protocol == "corrections":
+        predictions = full_logits(ckpt.model, edit_set.images.to(device)).argmax(1)
+    evaluator = HeldOutEvaluator(editable, heldout_set.images.to(device), heldout_set.labels.to(device),
+                                 mixed_precision=False if args.precision == "float32" else None)
     fixer = build_fixer(args, editable, editor, device)
     using = (f"{editor.name} {editor.hyperparameters()} ({'learned' if learned else 'given'})" if args.fixer == "editor"
              else f"{fixer.name} {fixer.hyperparameters()}")
-    say(f"{args.n_edits} edits with {using}, held-out {len(heldout_set)} images, base error {evaluator.base_error:.4f}")
-    step = max(1, args.n_edits // 10)
+    if ranks.is_main:
+        say(f"{args.n_edits} edits with {using}, held-out {len(heldout_set)} images ({evaluator.precision}), "
+            f"base error {evaluator.base_error:.4f}, {ranks.world_size} process(es) x {torch.get_num_threads()} thread(s)")
+    step = max(1, args.n_edits // ranks.world_size // 10)
     summary, records = evaluate_edits(
         editable, editor, evaluator, edit_set, n_edits=args.n_edits, targets=targets, seed=args.seed, max_steps=args.max_steps,
-        progress=lambda i, n: say(f"  {i}/{n} edits") if i % step == 0 else None, fixer=fixer, verbose=args.verbose,
+        progress=lambda i, n: say(f"  {i}/{n} edits") if ranks.is_main and i % step == 0 else None, fixer=fixer,
+        verbose=args.verbose, ranks=ranks, predictions=predictions,
     )
+    if not ranks.is_main:
+        return 0
     summary.update(checkpoint=str(args.checkpoint), editor=editor.name, editor_hparams=editor.hyperparameters(),
-                   editor_learned=learned, protocol=args.protocol, device=str(device), data=test_set.source)
+                   editor_learned=learned, protocol=args.protocol, layers=prefix, device=str(device), data=test_set.source,
+                   edit_source_overlaps_heldout=args.protocol != "nae" and edit_set is test_set,
+                   threads=torch.get_num_threads())
     if args.protocol == "nae":
         summary.update(nae=str(args.nae), n_nae=len(edit_set))
     if args.records:
@@ -398,18 +415,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate-edits", help="the paper's protocol: N seeded edits, drawdown on held-out images")
     add_common(p)
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--editor", default=None, choices=sorted(EDITORS), help="default: the checkpoint's learned editor, else rmsprop")
+    p.add_argument("--editor", default=DEFAULT_EDITOR, choices=sorted(EDITORS),
+                   help=f"default {DEFAULT_EDITOR} (the page's); naming the checkpoint's learned editor uses its learned lr")
     p.add_argument("--lr", type=float, default=None, help="editor learning rate (default: learned, else the editor's default)")
-    p.add_argument("--max-steps", type=int, default=10)
+    p.add_argument("--max-steps", type=int, default=None, help="default: the editor's (local 20, the others 10)")
     p.add_argument("--n-edits", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--editable-prefix", default="", help="default: the checkpoint's")
     p.add_argument("--heldout-size", type=int, default=0, help="score on the first M test images only (0: all)")
     p.add_argument("--records", default=None, help="write per-edit records (JSON) here")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    p.add_argument("--protocol", default="random", choices=["random", "nae"],
-                   help="random: random targets on test images; nae: true labels of the NAE set (--nae), "
-                        "drawdown on the held-out part")
+    p.add_argument("--protocol", default="other", choices=sorted(PROTOCOL_TARGETS),
+                   help="other (R): random target != true label; corrections (C): true label of images the model gets "
+                        "wrong; random: uniform target that may equal the true label (the paper code's); nae: true "
+                        "labels of the NAE set (--nae), drawdown on the held-out part. R and C edit test images outside "
+                        "the held-out set (--heldout-size M: the first M)")
     p.add_argument("--nae", default=str(nae_mod.DEFAULT_PATH), help="NAE set for --protocol nae")
     p.add_argument("--fixer", default="editor", choices=FIXERS,
                    help="editor: the gradient editor; finetune: SGD/Adam with replayed training images; "
@@ -423,6 +443,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-steps", type=int, default=100, help="fine-tuning step budget per fix")
     p.add_argument("--replay-ratio", type=int, default=15, help="replayed training images per corrected sample in each step")
     p.add_argument("--verbose", action="store_true", help="add per-augmentation-family generalization")
+    p.add_argument("--precision", default="auto", choices=["auto", "float32"],
+                   help="held-out re-evaluation: auto = bfloat16 with float32 for low-margin rows where bfloat16 is "
+                        "native (same predictions as float32), else float32; float32 = always float32")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads (0: torch's default, or under torchrun the cores split among the local ranks)")
     p.set_defaults(func=cmd_evaluate_edits)
 
     p = sub.add_parser("build-nae", help="build CIFAR-10-NAE by adversarial filtration (docs/NAE.md)")

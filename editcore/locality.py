@@ -30,6 +30,7 @@ from .data import augment, load_train_sample, normalize
 from .edit import EditableModel, EditResult, eval_mode
 from .editors import Editor, Params, register_editor
 
+DEFAULT_EDITOR = "local"  # the page's and evaluate-edits' default editor (docs/LOCALITY.md)
 DEFAULT_ENERGY = 0.1  # share of the anchors' input energy the edit may touch
 DEFAULT_MARGIN = 3.0  # logit margin the edit aims for (target logit - best other logit)
 DEFAULT_COPIES = 8  # random crop/flip copies of the edited image, edited with it

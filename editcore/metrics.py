@@ -1,13 +1,15 @@
 """The paper's edit protocol: N seeded edits, each from the unedited model, scored on held-out data.
 
 Re-evaluating held-out images after an edit only re-runs the stages from the first editable one:
-their inputs (`HeldOutEvaluator.features`) are computed once and cached.
+their inputs (`HeldOutEvaluator.features`) are computed once and cached. Where bfloat16 runs natively
+the re-evaluation runs in bfloat16, and float32 settles every row whose bfloat16 margin is too small,
+so the predicted classes are float32's. The library, the CLI and the app all use this one evaluator.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -18,11 +20,46 @@ from .edit import EditableModel, eval_mode
 from .editors import Editor, Params
 from .fixers import EditorFixer, Fixer, full_logits, inference_input
 
+if TYPE_CHECKING:
+    from .torchrun import Ranks
+
+# Rows per batch of held-out re-evaluation: at M = 10,000 on a 2-core CPU, 1000 took 1.3x less CPU than
+# 2500 (bench/protocol_speed.py, docs/PERFORMANCE.md); a smaller batch's activations stay in cache.
+EVAL_BATCH = 1000
+# bfloat16's error on these logits is about 0.4% of the largest one. A row whose bfloat16 top-2 logit
+# margin is below MARGIN_ABS + MARGIN_REL * |top logit| is recomputed in float32 (tests compare with
+# float32 exactly, rows near the margin included).
+MARGIN_ABS, MARGIN_REL = 0.3, 0.03
+
+
+def native_bfloat16(device: torch.device | str) -> bool:
+    """True where bfloat16 is faster than float32: a CPU whose oneDNN kernels run it natively
+    (AVX512-BF16, AMX), or a CUDA GPU that supports it (Ampere and later)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def unsure_rows(logits: torch.Tensor) -> torch.Tensor:
+    """Indices of the rows whose low-precision top-2 margin is too small to trust their argmax."""
+    top2 = logits.topk(2, dim=1).values
+    return torch.nonzero(top2[:, 0] - top2[:, 1] < MARGIN_ABS + MARGIN_REL * top2[:, 0].abs()).view(-1)
+
 
 class HeldOutEvaluator:
-    """Predictions on a fixed held-out set for the base model and for any edited params."""
+    """Predictions on a fixed held-out set for the base model and for any edited params.
 
-    def __init__(self, editable: EditableModel, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 2500):
+    mixed_precision None: bfloat16 with float32 for unsure rows where `native_bfloat16`, else float32.
+    """
+
+    def __init__(self, editable: EditableModel, images: torch.Tensor, labels: torch.Tensor,
+                 batch_size: int = EVAL_BATCH, mixed_precision: bool | None = None):
         self.editable = editable
         self.labels = labels
         self.batch_size = batch_size
@@ -30,7 +67,30 @@ class HeldOutEvaluator:
         with torch.no_grad(), eval_mode(editable.model):
             self.features = torch.cat([editable.features(inference_input(images[i : i + batch_size]))
                                        for i in range(0, len(labels), batch_size)])
+        self.mixed_precision = native_bfloat16(self.features.device) if mixed_precision is None else mixed_precision
+        self.recomputed = 0  # rows the last `logits` call recomputed in float32
         self.base_predictions = self.predict()
+
+    @property
+    def precision(self) -> str:
+        return "bfloat16, float32 for low-margin rows" if self.mixed_precision else "float32"
+
+    @torch.no_grad()
+    def logits(self, params: Params | None = None) -> torch.Tensor:
+        """Logits (N, classes) from the cached features (float32 dtype). With `mixed_precision`, computed
+        in bfloat16 except the rows `unsure_rows` picks, recomputed in float32: argmax is float32's."""
+        suffix = lambda features: self.editable.logits_from_features(features, params or None).float()  # noqa: E731
+        batches = lambda rows: range(0, len(rows), self.batch_size)  # noqa: E731
+        with eval_mode(self.editable.model):
+            with torch.autocast(self.features.device.type, dtype=torch.bfloat16, enabled=self.mixed_precision):
+                logits = torch.cat([suffix(self.features[i : i + self.batch_size]) for i in batches(self.features)])
+            if self.mixed_precision:
+                unsure = unsure_rows(logits)
+                for i in batches(unsure):
+                    rows = unsure[i : i + self.batch_size]
+                    logits[rows] = suffix(self.features[rows])
+                self.recomputed = len(unsure)
+        return logits
 
     @torch.no_grad()
     def predict(self, params: Params | None = None) -> torch.Tensor:
@@ -38,13 +98,11 @@ class HeldOutEvaluator:
         through the whole model when `params` change a stage before the split (e.g. fine-tuning)."""
         if params and self.editable.model.first_stage_of(list(params)) < self.editable.split:
             return self.predict_full(params)
-        with eval_mode(self.editable.model):
-            return torch.cat([self.editable.logits_from_features(self.features[i : i + self.batch_size], params).argmax(1)
-                              for i in range(0, len(self.labels), self.batch_size)])
+        return self.logits(params).argmax(1)
 
     @torch.no_grad()
     def predict_full(self, params: Params | None = None) -> torch.Tensor:
-        """The same predictions through the whole model (reference for the cache; slower)."""
+        """The same predictions through the whole model in float32 (reference for the cache; slower)."""
         return full_logits(self.editable.model, self.images, params, self.batch_size).argmax(1)
 
     def error(self, predictions: torch.Tensor) -> float:
@@ -135,15 +193,23 @@ def evaluate_edits(
     progress: Callable[[int, int], None] | None = None,
     views_seed: int = DEFAULT_VIEWS_SEED,
     verbose: bool = False,
-) -> tuple[dict, list[EditRecord]]:
+    ranks: Ranks | None = None,
+    predictions: torch.Tensor | None = None,
+) -> tuple[dict | None, list[EditRecord]]:
     """Run the protocol with `fixer` (default: the editor, `max_steps` steps). Each edit is also
-    scored for generalisation on `augmented_views` of the edited image (per family if `verbose`)."""
+    scored for generalisation on `augmented_views` of the edited image (per family if `verbose`).
+
+    With `ranks` (several processes under torchrun), every rank draws the same seeded edits and runs
+    its share; rank 0 gathers the records in draw order and returns the summary, the others (None, []).
+    `predictions`: the model's classes on `edit_set`, which targets='corrections' draws from."""
     device = heldout.features.device
     fixer = fixer or EditorFixer(editable, editor, max_steps)
     families = view_families(views_seed)
-    rows, chosen = draw_edits(edit_set, n_edits, seed, targets)
+    rows, chosen = draw_edits(edit_set, n_edits, seed, targets, predictions=predictions)
+    positions = range(len(rows)) if ranks is None else ranks.share(len(rows))
     records, start = [], time.perf_counter()
-    for i, (row, target) in enumerate(zip(rows, chosen)):
+    for done, position in enumerate(positions, 1):
+        row, target = rows[position], chosen[position]
         image = edit_set.images[row : row + 1].to(device)
         result = fixer.fix(image, torch.tensor([target], device=device))
         views = augmented_views(image, views_seed)
@@ -152,9 +218,13 @@ def evaluate_edits(
         records.append(EditRecord(int(edit_set.indices[row]), target, result.success, result.steps, result.seconds,
                                   heldout.error(fixer.predict_heldout(result, heldout)), gain, by_family or None))
         if progress:
-            progress(i + 1, len(rows))
+            progress(done, len(positions))
+    if ranks is not None:
+        records = ranks.gather(list(positions), records)
+        if records is None:
+            return None, []
     summary = summarize(records, heldout.base_error)
     summary.update(n_heldout=len(heldout.labels), seconds=round(time.perf_counter() - start, 2), seed=seed,
                    max_steps=max_steps, targets=targets, fixer=fixer.name, fixer_hparams=fixer.hyperparameters(),
-                   views_seed=views_seed)
+                   views_seed=views_seed, precision=heldout.precision, world_size=ranks.world_size if ranks else 1)
     return summary, records

@@ -30,33 +30,17 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .data import CLASSES, ImageSet, normalize
 from .edit import EditableModel, edit, eval_mode
 from .editors import EDITORS, Editor, Params, create_editor
+from .locality import DEFAULT_EDITOR
 from .fixers import full_logits
-from .metrics import HeldOutEvaluator
+from .metrics import EVAL_BATCH, HeldOutEvaluator, native_bfloat16
 from .models import default_editable_prefix
 
 LOG_FORMAT = "editlab-edit-log"
 LOG_VERSION = 1
 MAX_STEPS_LIMIT = 500
 MAX_LR = 10.0
-DEFAULT_EDITOR = "local"  # the page's default: projected, margin-seeking edits of one conv (editcore.locality)
 MAX_EDITS_PER_SESSION = 200  # each applied edit keeps one parameter dict and one set of probabilities
 MAX_LOG_BYTES = 20_000_000
-EVAL_BATCH = 1000
-# Held-out re-evaluation is most of an edit's round trip. On CPUs with native bfloat16 (AVX512-BF16,
-# AMX) it runs in bfloat16, about twice as fast; every row whose bfloat16 top-2 logit margin is below
-# MARGIN_ABS + MARGIN_REL * |top logit| is recomputed in float32, so the predicted classes are float32's.
-# bfloat16's error on these logits is about 0.4% of the largest one (tests compare with float32 exactly).
-MARGIN_ABS, MARGIN_REL = 0.3, 0.03
-
-
-def native_bfloat16(device: torch.device) -> bool:
-    """True on a CPU whose oneDNN kernels run bfloat16 natively (else bfloat16 would be slower)."""
-    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 class SettingsError(ValueError):
@@ -175,26 +159,15 @@ class SharedModel:
         with self.lock:
             if layers not in self._evaluators:
                 self._evaluators[layers] = HeldOutEvaluator(self.editable(layers), self.heldout.images, self.heldout.labels,
-                                                            batch_size=EVAL_BATCH)
+                                                            EVAL_BATCH, self.mixed_precision)
             return self._evaluators[layers]
 
-    @torch.no_grad()
     def heldout_logits(self, layers: str, params: Params | None) -> torch.Tensor:
         """Logits (N, classes) on the held-out set from the cached features; with `mixed_precision`,
-        bfloat16 except for the rows whose prediction float32 has to settle (see MARGIN_ABS)."""
+        bfloat16 except for the rows whose prediction float32 has to settle (HeldOutEvaluator.logits)."""
         evaluator = self.evaluator(layers)
-        suffix = lambda features: evaluator.editable.logits_from_features(features, params or None).float()  # noqa: E731
-        features = evaluator.features
-        with self.lock, eval_mode(self.model):
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.mixed_precision):
-                logits = torch.cat([suffix(features[i : i + EVAL_BATCH]) for i in range(0, len(features), EVAL_BATCH)])
-            if self.mixed_precision:
-                top2 = logits.topk(2, dim=1).values
-                unsure = torch.nonzero(top2[:, 0] - top2[:, 1] < MARGIN_ABS + MARGIN_REL * top2[:, 0].abs()).view(-1)
-                for i in range(0, len(unsure), EVAL_BATCH):
-                    rows = unsure[i : i + EVAL_BATCH]
-                    logits[rows] = suffix(features[rows])
-        return logits
+        with self.lock:
+            return evaluator.logits(params)
 
     def heldout_probabilities(self, layers: str, params: Params | None) -> torch.Tensor:
         """Class probabilities (N, classes) on the held-out set (CPU); argmax = float32's prediction."""

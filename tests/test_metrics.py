@@ -6,6 +6,9 @@ import torch
 
 from editcore import (EditableModel, EditRecord, HeldOutEvaluator, create_editor, draw_edits, edit, evaluate_edits,
                       normalize, summarize)
+from editcore.metrics import MARGIN_ABS, MARGIN_REL, unsure_rows
+
+from conftest import make_tiny
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +109,46 @@ def test_draw_edits_corrections_are_mistakes_to_the_true_label(sample):
     assert draw_edits(sample, 5, seed=1, targets="corrections", predictions=predictions)[0] != rows[:5]
     with pytest.raises(ValueError, match="predictions"):
         draw_edits(sample, 5, seed=0, targets="corrections")
+
+
+def test_unsure_rows_are_those_under_the_margin():
+    threshold = MARGIN_ABS + MARGIN_REL * 10
+    logits = torch.tensor([[10.0, 10 - threshold * 0.99, 0.0],   # just under: unsure
+                           [10.0, 10 - threshold * 1.01, 0.0],   # just over: trusted
+                           [-1.0, 5.0, 5.0],                     # a tie
+                           [0.0, 0.0, 20.0]])
+    assert unsure_rows(logits).tolist() == [0, 2]
+
+
+def test_mixed_precision_settles_near_ties_as_float32_does():
+    """Two classes whose logits differ by a little, around a large shared value: bfloat16 alone mixes them
+    up on some rows; the evaluator recomputes exactly the unsure ones and predicts float32's classes."""
+    model = make_tiny()
+    with torch.no_grad():
+        fc = model.head[2]
+        fc.bias[:2] = 10.0
+        fc.weight[1] = fc.weight[0] + 0.8 * torch.randn(24, generator=torch.Generator().manual_seed(0))
+    editable = EditableModel(model, "body")
+    images = torch.randint(0, 256, (600, 3, 8, 8), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    labels = torch.zeros(600, dtype=torch.long)
+    mixed = HeldOutEvaluator(editable, images, labels, batch_size=128, mixed_precision=True)
+    exact = HeldOutEvaluator(editable, images, labels, batch_size=128, mixed_precision=False)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        bfloat16_only = editable.logits_from_features(mixed.features).float().argmax(1)
+    float32 = exact.predict()
+    assert not torch.equal(bfloat16_only, float32)  # the fallback has work to do
+    assert torch.equal(mixed.predict(), float32) and torch.equal(float32, exact.predict_full())
+    assert 0 < mixed.recomputed < len(images)  # both paths ran
+    assert mixed.precision != exact.precision == "float32" and exact.recomputed == 0
+
+
+def test_mixed_precision_predicts_float32s_classes_before_and_after_an_edit(resnet20, sample):
+    editable = EditableModel(resnet20, "layer3")
+    images, labels = sample.images[:400], sample.labels[:400]
+    mixed = HeldOutEvaluator(editable, images, labels, batch_size=150, mixed_precision=True)
+    exact = HeldOutEvaluator(editable, images, labels, batch_size=150, mixed_precision=False)
+    assert torch.equal(mixed.base_predictions, exact.base_predictions)
+    for row, target in ((0, 3), (7, 8)):
+        params = edit(editable, normalize(images[row : row + 1]), torch.tensor([target]), create_editor("rmsprop", lr=1e-3),
+                      max_steps=10).params
+        assert torch.equal(mixed.predict(params), exact.predict(params))

@@ -5,15 +5,7 @@ set -u
 export PYTHONUNBUFFERED=1
 nvidia-smi -L
 python3 -c "import torch, safetensors, tqdm; print('torch', torch.__version__, torch.cuda.is_available())"
-mkdir -p /tmp/cifar/cifar-10-batches-py
-for part in .gpudata/a/*.lz .gpudata/b/*.lz; do
-  d=$(mktemp -d); cp "$part" "${part%.lz}.labels.npy" "$d/"
-  python3 tools/pack_cifar.py unpack "$d" --out /tmp/cifar/cifar-10-batches-py &
-done
-wait
-cp .gpudata/b/batches.meta /tmp/cifar/cifar-10-batches-py/
-ls -la /tmp/cifar/cifar-10-batches-py
-export EDITLAB_DATA=/tmp/cifar
+source tools/unpack_gpudata.sh
 # The device copy has no .git: pass the commit in, e.g. `EDITLAB_GIT_COMMIT=$(git rev-parse HEAD) bash tools/gpu_run.sh`
 export EDITLAB_GIT_COMMIT="${EDITLAB_GIT_COMMIT:-unknown}"
 python3 tools/paper_pipeline.py --scale full --device cuda --work /tmp/work --out "$OUT" --deadline-s "${DEADLINE:-510}" 2>&1 | tee "$OUT/pipeline.log"
