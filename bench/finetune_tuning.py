@@ -73,7 +73,7 @@ def main() -> int:
     test = load_cifar10("test", root)
     heldout = test.subset(torch.arange(EXACT_TEST))
     pool = test.subset(torch.arange(EXACT_TEST, len(test)))
-    replays = {"sample": load_train_sample(), "full": load_cifar10("train", root)}
+    replays = {name: load_train_sample() if name == "sample" else load_cifar10("train", root) for name in args.replay}
     settings = [parse_setting(s) for s in (args.setting or [""])]
     print(f"C protocol: {args.n_edits} corrections (seed {args.seed}) from test {EXACT_TEST}-{len(test) - 1}, "
           f"held-out test 0-{EXACT_TEST - 1}; {torch.get_num_threads()} thread(s)", flush=True)

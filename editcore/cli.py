@@ -145,7 +145,7 @@ def build_fixer(args, editable: EditableModel, editor, device) -> Fixer:
             replay = data_mod.load_cifar10("train", args.data_root)
         return FinetuneFixer(editable.model, replay.to(device), args.replay_ratio, args.finetune_optimizer,
                              args.finetune_lr, args.finetune_steps, seed=args.seed,
-                             prefix=None if args.finetune_layers == "all" else args.finetune_layers)
+                             prefix=None if args.finetune_layers == "all" else args.finetune_layers or editable.prefixes)
     mode = "exact" if args.fixer == "lookup-exact" else "nearest"
     return LookupFixer(editable.model, mode, args.lookup_space, args.lookup_threshold)
 
@@ -333,8 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-optimizer", default=FINETUNE_DEFAULTS["optimizer"], choices=sorted(FINETUNE_DEFAULT_LR))
     p.add_argument("--finetune-lr", type=float, default=None, help=f"default {FINETUNE_DEFAULT_LR}")
     p.add_argument("--finetune-steps", type=int, default=FINETUNE_DEFAULTS["max_steps"], help="fine-tuning step budget per fix")
-    p.add_argument("--finetune-layers", default=FINETUNE_DEFAULTS["prefix"] or "all",
-                   help="parameters fine-tuning trains: all, or a module prefix such as layer3 or head")
+    p.add_argument("--finetune-layers", default=None,
+                   help="parameters fine-tuning trains: all, or module prefixes such as layer3 or head "
+                        "(default: the editable layers, as for the editor)")
     p.add_argument("--replay-ratio", type=int, default=FINETUNE_DEFAULTS["replay_ratio"],
                    help="replayed training images per corrected sample in each step (training set with a data root, "
                         "else the shipped training sample)")

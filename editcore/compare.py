@@ -82,7 +82,7 @@ def compare_fixes(models: dict[str, SharedModel], image: torch.Tensor, target: i
                   progress: Callable[[float, str], None] = lambda f, s: None) -> tuple[torch.Tensor, list[MethodOutcome]]:
     """Fix `image` (uint8 (3,H,W)) to `target` with every method; returns (augmented views, outcomes).
     `replay`: training images that fine-tuning mixes in (None: the shipped training sample); fine-tuning
-    uses the library defaults (`FINETUNE_DEFAULTS`) with `finetune_steps` steps at most.
+    uses the library defaults (`FINETUNE_DEFAULTS`) on the model's editable layers, `finetune_steps` steps at most.
     `patched`: the model the lookup tables and fine-tuning fix (default: 'baseline', else the first)."""
     if not models:
         raise SettingsError("no model is loaded")
@@ -91,7 +91,7 @@ def compare_fixes(models: dict[str, SharedModel], image: torch.Tensor, target: i
         raise SettingsError(f"model must be one of {', '.join(models)}, got {patched!r}")
     views = augmented_views(image)
     practical = models[patched]
-    finetuner = FinetuneFixer(practical.model, replay, max_steps=finetune_steps)
+    finetuner = FinetuneFixer(practical.model, replay, max_steps=finetune_steps, prefix=practical.default_layers)
     plans: list[tuple[str, str, SharedModel, Callable[[], Fixer]]] = [
         (f"Lookup table, exact match ({patched} model)", "overrides the prediction only for this exact image",
          practical, lambda: LookupFixer(practical.model, "exact")),

@@ -31,9 +31,12 @@ if TYPE_CHECKING:
     from .metrics import HeldOutEvaluator
 
 FIXERS = ("editor", "finetune", "lookup-exact", "lookup-nn")
-FINETUNE_DEFAULT_LR = {"sgd": 0.01, "adam": 1e-4}
-# Fine-tuning's defaults everywhere (library, CLI, compare view); the lr is FINETUNE_DEFAULT_LR[optimizer].
-FINETUNE_DEFAULTS = {"optimizer": "sgd", "max_steps": 100, "replay_ratio": 15, "prefix": None}
+# Fine-tuning's defaults everywhere (library, CLI, compare view), tuned on the C protocol (corrections of the
+# shipped ResNet-20s; docs/FIXERS.md "Fine-tuning at its best"): Adam on the editable stage (layer3), replaying
+# 15 training images per step, stopping at the first step where the target is the top class. The lr is
+# FINETUNE_DEFAULT_LR[optimizer]; prefix None would train every parameter (34-81 points of drawdown with SGD).
+FINETUNE_DEFAULT_LR = {"sgd": 1e-3, "adam": 1e-4}
+FINETUNE_DEFAULTS = {"optimizer": "adam", "max_steps": 100, "replay_ratio": 15, "prefix": "layer3"}
 # Default nearest-neighbour thresholds. Pixel: mean |difference| of uint8 values / 255 (0..1);
 # 0.03 admits a JPEG recompression or light noise of the stored image but not a 1-pixel shift of a
 # typical CIFAR image. Feature: cosine distance (0..2) of the base model's penultimate features.
@@ -78,12 +81,12 @@ def finetune(
     x: torch.Tensor,
     target: torch.Tensor,
     replay: ImageSet | None,
-    replay_ratio: int = 15,
-    optimizer: str = "sgd",
+    replay_ratio: int = FINETUNE_DEFAULTS["replay_ratio"],
+    optimizer: str = FINETUNE_DEFAULTS["optimizer"],
     lr: float | None = None,
-    max_steps: int = 100,
+    max_steps: int = FINETUNE_DEFAULTS["max_steps"],
     gen: torch.Generator | None = None,
-    prefix: str | None = None,
+    prefix: str | None = FINETUNE_DEFAULTS["prefix"],
 ) -> FinetuneResult:
     """Fine-tune on the corrected sample plus `replay_ratio` replayed training images per step.
 
@@ -94,8 +97,8 @@ def finetune(
     the rest of the model. Batch norm stays in eval mode (running statistics unchanged). Stops at
     the first parameters where the target is the argmax, or after `max_steps` optimizer steps.
 
-    Pure: `model` is untouched; `params` of the result hold new values of every parameter trained
-    (all by default, or those under the module prefix(es) in `prefix`).
+    Pure: `model` is untouched; `params` of the result hold new values of every parameter trained:
+    those under the module prefix(es) in `prefix` (default layer3), or all of them when it is None.
     """
     if optimizer not in FINETUNE_DEFAULT_LR:
         raise ValueError(f"optimizer must be one of {sorted(FINETUNE_DEFAULT_LR)}, not {optimizer!r}")

@@ -99,7 +99,7 @@ def test_finetune_reaches_the_target_and_leaves_the_base_model_untouched(optimiz
     target = torch.tensor([(base_class + 3) % 10])
     lr = 0.05 if optimizer == "sgd" else 0.01
     result = finetune(model, normalize(image), target, replay, replay_ratio=4, optimizer=optimizer, lr=lr,
-                      max_steps=200, gen=torch.Generator().manual_seed(0))
+                      max_steps=200, gen=torch.Generator().manual_seed(0), prefix=None)
     assert result.success and 0 < result.steps <= 200
     assert set(result.params) == {n for n, _ in model.named_parameters()}
     assert int(full_logits(model, image, result.params).argmax(1)) == int(target)
@@ -124,7 +124,7 @@ def test_finetune_fixer_replays_the_shipped_training_sample_when_given_no_replay
     replay_ratio images per step from the shipped 2,000-image training sample."""
     monkeypatch.delenv("EDITLAB_DATA", raising=False)
     model = make_tiny()
-    fixer = FinetuneFixer(model, lr=0.05, max_steps=20)
+    fixer = FinetuneFixer(model, optimizer="sgd", lr=0.05, max_steps=20, prefix=None)
     image = random_images(1, size=32, seed=4)
     target = torch.tensor([(int(full_logits(model, image).argmax(1)) + 3) % 10])
     result = fixer.fix(image, target)
@@ -139,7 +139,8 @@ def test_finetune_fixer_is_seeded():
     replay = ImageSet(random_images(32, seed=5), torch.arange(32) % 10, torch.arange(32), "synthetic")
     image = random_images(1, seed=4)
     target = torch.tensor([(int(full_logits(model, image).argmax(1)) + 3) % 10])
-    runs = [FinetuneFixer(model, replay, replay_ratio=4, lr=0.05, max_steps=50, seed=1).fix(image, target)
+    runs = [FinetuneFixer(model, replay, replay_ratio=4, optimizer="sgd", lr=0.05, max_steps=50, seed=1, prefix=None)
+            .fix(image, target)
             for _ in range(2)]
     assert runs[0].steps == runs[1].steps
     assert all(torch.equal(runs[0].params[n], runs[1].params[n]) for n in runs[0].params)
