@@ -18,7 +18,8 @@ from .checkpoint import git_commit, load_checkpoint, read_card, save_checkpoint
 from .device import pick_device
 from .edit import EditableModel
 from .editors import EDITORS, create_editor
-from .fixers import FINETUNE_DEFAULT_LR, FINETUNE_DEFAULTS, FIXERS, LOOKUP_DEFAULT_THRESHOLD, EditorFixer, FinetuneFixer, Fixer, LookupFixer
+from .fixers import (FINETUNE_DEFAULT_LR, FINETUNE_DEFAULTS, FIXERS, LOOKUP_DEFAULT_THRESHOLD, EditorFixer, FinetuneFixer,
+                     Fixer, LookupFixer)
 from .metrics import HeldOutEvaluator, evaluate_edits
 from .models import MODELS, create_model
 from .training import TrainConfig, accuracy, train

@@ -69,7 +69,7 @@ def replay_source_label(replay: ImageSet) -> str:
 
 def finetune_detail(fixer: FinetuneFixer) -> str:
     """Fine-tuning's settings in words, from the fixer itself so the page cannot say otherwise."""
-    layers = "all weights" if fixer.prefix is None else f"{fixer.prefix}"
+    layers = "all weights" if fixer.prefix is None else fixer.prefix
     replay = (f"{fixer.replay_ratio} replayed images per step from {replay_source_label(fixer.replay)}"
               if fixer.replay_ratio else "no replay")
     return (f"{'SGD (momentum 0.9)' if fixer.optimizer == 'sgd' else 'Adam'} on {layers}, lr {fixer.lr:.3g}, up to "
