@@ -32,10 +32,10 @@ if TYPE_CHECKING:
 
 FIXERS = ("editor", "finetune", "lookup-exact", "lookup-nn")
 # Fine-tuning's defaults everywhere (library, CLI, compare view), tuned on the C protocol (corrections of the
-# shipped ResNet-20s; docs/FIXERS.md "Fine-tuning at its best"): Adam on the editable stage (layer3), replaying
-# 15 training images per step, stopping at the first step where the target is the top class. The lr is
-# FINETUNE_DEFAULT_LR[optimizer]; prefix None would train every parameter (34-81 points of drawdown with SGD).
-FINETUNE_DEFAULT_LR = {"sgd": 1e-3, "adam": 1e-4}
+# shipped ResNet-20s; docs/FIXERS.md "Fine-tuning at its best"): Adam at lr 3e-5 on the editable stage (layer3),
+# replaying 15 training images per step, stopping at the first step where the target is the top class. The lr
+# is FINETUNE_DEFAULT_LR[optimizer]; prefix None trains every parameter (34-81 points of drawdown with SGD).
+FINETUNE_DEFAULT_LR = {"sgd": 1e-3, "adam": 3e-5}
 FINETUNE_DEFAULTS = {"optimizer": "adam", "max_steps": 100, "replay_ratio": 15, "prefix": "layer3"}
 # Default nearest-neighbour thresholds. Pixel: mean |difference| of uint8 values / 255 (0..1);
 # 0.03 admits a JPEG recompression or light noise of the stored image but not a 1-pixel shift of a
