@@ -60,8 +60,9 @@ def test_editable_training_lowers_drawdown_on_the_same_edits():
 # Test #59 (a frog both shipped models call a cat), the correction issue 13 reproduced in the app's compare view:
 # fine-tuning the editable model without replay (SGD lr 0.01 on every weight) cost 78.3 points of held-out
 # accuracy. On the embedded default (held-out = the test sample, which holds #59 itself) with the shipped
-# replay sample and the tuned defaults it measured 0.7 points (baseline, 17 held-out images broken) and 0.5 points (editable, 18 broken);
-# Adam at lr 1e-4 measured 2.2 and 1.3. The bound leaves about 3x margin for other platforms' floating point.
+# replay sample and the tuned defaults it measured 0.7 points (baseline, 17 held-out images broken) and
+# 0.5 points (editable, 18 broken); Adam at lr 1e-4 measured 2.2 and 1.3. The bound leaves about 3x margin
+# for other platforms' floating point.
 FROG_59_BOUND_POINTS = 2.0
 
 
