@@ -166,7 +166,8 @@ COMPARE_INTRO = (
     "changes no weights, so held-out accuracy cannot drop, but a shifted or re-lit copy of the image no longer "
     "matches. <b>Fine-tuning</b> trains on the corrected image mixed with replayed training images (the training "
     "set with a data root, else a shipped sample of 2,000). The <b>editor</b> takes a few gradient steps on the "
-    "edited layers; editable training prepares a model for exactly that. Compare the drop in held-out accuracy and the share of green views."
+    "edited layers; editable training prepares a model for exactly that. Compare the drop in held-out accuracy "
+    "and the share of green views."
 )
 
 
