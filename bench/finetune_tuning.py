@@ -3,7 +3,7 @@
 C protocol: the edits are test images 1000-9999 that the model misclassifies, each edited to its TRUE label
 (`draw_edits(..., targets="corrections")`); the held-out set is the pixel-exact test 0-999, so it never holds
 an edited image. Every fix starts from the unedited model (`evaluate_edits` with a `FinetuneFixer`) and is
-scored by held-out drawdown (accuracy change, points), success, generalisation to the 16 augmented views of
+scored by held-out drawdown (accuracy lost, points), success, generalisation to the 16 augmented views of
 the edited image (as `evaluate-edits` does) and the time of the fix itself.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/finetune_tuning.py --data-root ../shared/data/cifar10 \
@@ -13,7 +13,8 @@ the edited image (as `evaluate-edits` does) and the time of the fix itself.
 A setting is comma-separated key=value pairs over the defaults of `FinetuneFixer`
 (opt, lr, steps, replay, layers: all or a module prefix such as layer3 or head); unnamed keys keep the
 library default. `--replay sample` replays the shipped 2,000-image training sample, `full` the 50,000
-training images of the data root. Prints one table row per (checkpoint, replay, setting).
+training images of the data root. Prints one table row per (checkpoint, replay, setting). Results and the
+commands behind them: docs/FIXERS.md, "Fine-tuning at its best (C protocol)".
 """
 from __future__ import annotations
 
