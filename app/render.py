@@ -164,9 +164,10 @@ COMPARE_INTRO = (
     "The selected image corrected to the chosen label in several ways, each starting from the unedited model. "
     "A <b>lookup table</b> stores the corrected image and overrides the prediction for inputs that match it: it "
     "changes no weights, so held-out accuracy cannot drop, but a shifted or re-lit copy of the image no longer "
-    "matches. <b>Fine-tuning</b> trains on the corrected image (mixed with training images when a data root is "
-    "given). The <b>editor</b> takes a few gradient steps on the edited layers; editable training prepares a "
-    "model for exactly that. Compare the drop in held-out accuracy and the share of green views."
+    "matches. <b>Fine-tuning</b> trains on the corrected image mixed with replayed training images (the training "
+    "set with a data root, else a shipped sample of 2,000). The <b>editor</b> takes a few gradient steps on the "
+    "edited layers; editable training prepares a model for exactly that. Compare the drop in held-out accuracy "
+    "and the share of green views."
 )
 
 

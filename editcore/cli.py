@@ -19,9 +19,9 @@ from .checkpoint import git_commit, load_checkpoint, read_card, save_checkpoint
 from .device import pick_device
 from .edit import EditableModel
 from .editors import EDITORS, create_editor
+from .fixers import (FINETUNE_DEFAULT_LR, FINETUNE_DEFAULTS, FIXERS, LOOKUP_DEFAULT_THRESHOLD, EditorFixer, FinetuneFixer,
+                     Fixer, LookupFixer, full_logits)
 from .locality import DEFAULT_EDITOR
-from .fixers import (FINETUNE_DEFAULT_LR, FIXERS, LOOKUP_DEFAULT_THRESHOLD, EditorFixer, FinetuneFixer, Fixer, LookupFixer,
-                     full_logits)
 from .metrics import HeldOutEvaluator, evaluate_edits
 from .models import MODELS, create_model
 from .torchrun import Ranks
@@ -194,11 +194,14 @@ def build_fixer(args, editable: EditableModel, editor, device) -> Fixer:
         return EditorFixer(editable, editor, args.max_steps)
     if args.fixer == "finetune":
         if data_mod.resolve_data_root(args.data_root) is None:
-            say("fine-tuning replays training images, but with no data root the replay images are the embedded test "
-                "sample, the same images it is scored on: fine for a smoke test, not for a measurement")
-        replay = load_split("train", args.data_root).to(device)
-        return FinetuneFixer(editable.model, replay, args.replay_ratio, args.finetune_optimizer, args.finetune_lr,
-                             args.finetune_steps, seed=args.seed)
+            replay = data_mod.load_train_sample()
+            say(f"no data root: fine-tuning replays the shipped sample of {len(replay):,} CIFAR-10 training images "
+                f"({data_mod.TRAIN_SAMPLE_PATH.name})")
+        else:
+            replay = data_mod.load_cifar10("train", args.data_root)
+        return FinetuneFixer(editable.model, replay.to(device), args.replay_ratio, args.finetune_optimizer,
+                             args.finetune_lr, args.finetune_steps, seed=args.seed,
+                             prefix=None if args.finetune_layers == "all" else args.finetune_layers or editable.prefixes)
     mode = "exact" if args.fixer == "lookup-exact" else "nearest"
     return LookupFixer(editable.model, mode, args.lookup_space, args.lookup_threshold)
 
@@ -438,10 +441,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lookup-nn distance: pixel (mean |diff|/255) or feature (cosine, penultimate layer)")
     p.add_argument("--lookup-threshold", type=float, default=None,
                    help=f"lookup-nn match threshold (default {LOOKUP_DEFAULT_THRESHOLD})")
-    p.add_argument("--finetune-optimizer", default="sgd", choices=sorted(FINETUNE_DEFAULT_LR))
+    p.add_argument("--finetune-optimizer", default=FINETUNE_DEFAULTS["optimizer"], choices=sorted(FINETUNE_DEFAULT_LR))
     p.add_argument("--finetune-lr", type=float, default=None, help=f"default {FINETUNE_DEFAULT_LR}")
-    p.add_argument("--finetune-steps", type=int, default=100, help="fine-tuning step budget per fix")
-    p.add_argument("--replay-ratio", type=int, default=15, help="replayed training images per corrected sample in each step")
+    p.add_argument("--finetune-steps", type=int, default=FINETUNE_DEFAULTS["max_steps"], help="fine-tuning step budget per fix")
+    p.add_argument("--finetune-layers", default=None,
+                   help="parameters fine-tuning trains: all, or module prefixes such as layer3 or head "
+                        "(default: the editable layers, as for the editor)")
+    p.add_argument("--replay-ratio", type=int, default=FINETUNE_DEFAULTS["replay_ratio"],
+                   help="replayed training images per corrected sample in each step (training set with a data root, "
+                        "else the shipped training sample)")
     p.add_argument("--verbose", action="store_true", help="add per-augmentation-family generalization")
     p.add_argument("--precision", default="auto", choices=["auto", "float32"],
                    help="held-out re-evaluation: auto = bfloat16 with float32 for low-margin rows where bfloat16 is "

@@ -14,13 +14,10 @@ from typing import Callable
 import torch
 
 from .augment_views import augmented_views
-from .data import ImageSet
+from .data import TRAIN_SAMPLE_SOURCE, ImageSet
 from .editors import EDITORS
-from .fixers import EditorFixer, FinetuneFixer, Fixer, LookupFixer
+from .fixers import FINETUNE_DEFAULTS, EditorFixer, FinetuneFixer, Fixer, LookupFixer
 from .session import SettingsError, SharedModel
-
-FINETUNE_STEPS = 100
-FINETUNE_REPLAY = 15  # replayed training images per step, beside the corrected one
 
 
 @dataclass
@@ -61,11 +58,31 @@ def _run(title: str, detail: str, shared: SharedModel, fixer: Fixer, image: torc
         views_before, views_after, fixer.hyperparameters())
 
 
+def replay_source_label(replay: ImageSet) -> str:
+    """Where fine-tuning's replayed images come from, in words."""
+    if replay.source == TRAIN_SAMPLE_SOURCE:
+        return f"the shipped {len(replay):,}-image training sample"
+    if replay.source == "cifar10-train":
+        return f"the CIFAR-10 training set ({len(replay):,} images)"
+    return f"{replay.source} ({len(replay):,} images)"
+
+
+def finetune_detail(fixer: FinetuneFixer) -> str:
+    """Fine-tuning's settings in words, from the fixer itself so the page cannot say otherwise."""
+    layers = "all weights" if fixer.prefix is None else fixer.prefix
+    replay = (f"{fixer.replay_ratio} replayed images per step from {replay_source_label(fixer.replay)}"
+              if fixer.replay_ratio else "no replay")
+    return (f"{'SGD (momentum 0.9)' if fixer.optimizer == 'sgd' else 'Adam'} on {layers}, lr {fixer.lr:.3g}, up to "
+            f"{fixer.max_steps} steps (stops when the target is the top class), {replay}")
+
+
 def compare_fixes(models: dict[str, SharedModel], image: torch.Tensor, target: int, editor: str, max_steps: int,
-                  replay: ImageSet | None = None, finetune_steps: int = FINETUNE_STEPS, patched: str | None = None,
+                  replay: ImageSet | None = None, finetune_steps: int = FINETUNE_DEFAULTS["max_steps"],
+                  patched: str | None = None,
                   progress: Callable[[float, str], None] = lambda f, s: None) -> tuple[torch.Tensor, list[MethodOutcome]]:
     """Fix `image` (uint8 (3,H,W)) to `target` with every method; returns (augmented views, outcomes).
-    `replay`: training images that fine-tuning mixes in (None: fine-tune on the corrected image alone).
+    `replay`: training images that fine-tuning mixes in (None: the shipped training sample); fine-tuning
+    uses the library defaults (`FINETUNE_DEFAULTS`) on the model's editable layers, `finetune_steps` steps at most.
     `patched`: the model the lookup tables and fine-tuning fix (default: 'baseline', else the first)."""
     if not models:
         raise SettingsError("no model is loaded")
@@ -74,16 +91,13 @@ def compare_fixes(models: dict[str, SharedModel], image: torch.Tensor, target: i
         raise SettingsError(f"model must be one of {', '.join(models)}, got {patched!r}")
     views = augmented_views(image)
     practical = models[patched]
+    finetuner = FinetuneFixer(practical.model, replay, max_steps=finetune_steps, prefix=practical.default_layers)
     plans: list[tuple[str, str, SharedModel, Callable[[], Fixer]]] = [
         (f"Lookup table, exact match ({patched} model)", "overrides the prediction only for this exact image",
          practical, lambda: LookupFixer(practical.model, "exact")),
         (f"Lookup table, nearest neighbour ({patched} model)", "overrides it for images within a small pixel distance",
          practical, lambda: LookupFixer(practical.model, "nearest", "pixel")),
-        (f"Fine-tuning ({patched} model)", f"SGD on all weights, up to {finetune_steps} steps, " +
-         (f"{FINETUNE_REPLAY} replayed training images per step" if replay is not None
-          else "no replay (no training data loaded: pass --data-root)"), practical,
-         lambda: FinetuneFixer(practical.model, replay, FINETUNE_REPLAY if replay is not None else 0,
-                               max_steps=finetune_steps)),
+        (f"Fine-tuning ({patched} model)", finetune_detail(finetuner), practical, lambda: finetuner),
     ]
     lr = EDITORS[editor].default_lr
     for name, shared in models.items():

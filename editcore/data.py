@@ -22,6 +22,7 @@ TEST_BATCHES = ("test_batch",)
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SAMPLE_PATH = ASSETS / "cifar10_test_sample.npz"
 TRAIN_SAMPLE_PATH = ASSETS / "cifar10_train_sample.npz"
+TRAIN_SAMPLE_SOURCE = "cifar10-train-sample"  # ImageSet.source of the shipped training sample
 DOWNLOAD_HINT = (
     "To download CIFAR-10 (needs internet): python -m editcore download-cifar10 --data-root DIR"
 )
@@ -106,7 +107,7 @@ def load_sample(path: Path = SAMPLE_PATH, source: str = "cifar10-test-sample") -
 def load_train_sample() -> ImageSet:
     """The shipped class-balanced sample of 2,000 CIFAR-10 training images (assets/README.md): replay
     and anchor images wherever the full training set is not loaded."""
-    return load_sample(TRAIN_SAMPLE_PATH, "cifar10-train-sample")
+    return load_sample(TRAIN_SAMPLE_PATH, TRAIN_SAMPLE_SOURCE)
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:

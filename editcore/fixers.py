@@ -3,7 +3,7 @@
 A fixer turns (image, target) into an `EditResult` and predicts with the fixed model:
 - `EditorFixer`: the gradient editor (`edit()`) on the editable parameters;
 - `FinetuneFixer`: SGD/Adam on the corrected sample mixed with replayed training images
-  (`finetune()`), on all parameters by default;
+  (`finetune()`): the given training set, or else the shipped 2,000-image training sample;
 - `LookupFixer`: a patch store (`LookupTable`) that never touches weights and overrides the
   prediction for inputs that match the stored image, exactly or within a distance threshold.
 
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .data import ImageSet, normalize
+from .data import ImageSet, load_train_sample, normalize
 from .edit import EditableModel, EditResult, edit, eval_mode, is_success
 from .editors import Editor, Params
 from .models import StagedNet, editable_names
@@ -31,7 +31,12 @@ if TYPE_CHECKING:
     from .metrics import HeldOutEvaluator
 
 FIXERS = ("editor", "finetune", "lookup-exact", "lookup-nn")
-FINETUNE_DEFAULT_LR = {"sgd": 0.01, "adam": 1e-4}
+# Fine-tuning's defaults everywhere (library, CLI, compare view), tuned on the C protocol (corrections of the
+# shipped ResNet-20s; docs/FIXERS.md "Fine-tuning at its best"): Adam at lr 3e-5 on the editable stage (layer3),
+# replaying 15 training images per step, stopping at the first step where the target is the top class. The lr
+# is FINETUNE_DEFAULT_LR[optimizer]; prefix None trains every parameter (34-81 points of drawdown with SGD).
+FINETUNE_DEFAULT_LR = {"sgd": 1e-3, "adam": 3e-5}
+FINETUNE_DEFAULTS = {"optimizer": "adam", "max_steps": 100, "replay_ratio": 15, "prefix": "layer3"}
 # Default nearest-neighbour thresholds. Pixel: mean |difference| of uint8 values / 255 (0..1);
 # 0.03 admits a JPEG recompression or light noise of the stored image but not a 1-pixel shift of a
 # typical CIFAR image. Feature: cosine distance (0..2) of the base model's penultimate features.
@@ -63,18 +68,26 @@ def penultimate_features(model: StagedNet, images: torch.Tensor, batch_size: int
             for i in range(0, len(images), batch_size)])
 
 
+@dataclass
+class FinetuneResult(EditResult):
+    """A fine-tuning fix, with what it replayed: `replayed` training images drawn in all (replay_ratio per
+    forward pass), from the ImageSet whose `source` is `replay_source` (None: no replay)."""
+    replayed: int = 0
+    replay_source: str | None = None
+
+
 def finetune(
     model: StagedNet,
     x: torch.Tensor,
     target: torch.Tensor,
     replay: ImageSet | None,
-    replay_ratio: int = 15,
-    optimizer: str = "sgd",
+    replay_ratio: int = FINETUNE_DEFAULTS["replay_ratio"],
+    optimizer: str = FINETUNE_DEFAULTS["optimizer"],
     lr: float | None = None,
-    max_steps: int = 100,
+    max_steps: int = FINETUNE_DEFAULTS["max_steps"],
     gen: torch.Generator | None = None,
-    prefix: str | None = None,
-) -> EditResult:
+    prefix: str | None = FINETUNE_DEFAULTS["prefix"],
+) -> FinetuneResult:
     """Fine-tune on the corrected sample plus `replay_ratio` replayed training images per step.
 
     x: the normalised image (1,3,H,W); target: (1,). Each step's batch is the corrected sample and
@@ -84,8 +97,8 @@ def finetune(
     the rest of the model. Batch norm stays in eval mode (running statistics unchanged). Stops at
     the first parameters where the target is the argmax, or after `max_steps` optimizer steps.
 
-    Pure: `model` is untouched; `params` of the result hold new values of every parameter trained
-    (all by default, or those under the module prefix(es) in `prefix`).
+    Pure: `model` is untouched; `params` of the result hold new values of every parameter trained:
+    those under the module prefix(es) in `prefix` (default layer3), or all of them when it is None.
     """
     if optimizer not in FINETUNE_DEFAULT_LR:
         raise ValueError(f"optimizer must be one of {sorted(FINETUNE_DEFAULT_LR)}, not {optimizer!r}")
@@ -125,8 +138,9 @@ def finetune(
             steps += 1
     if x.is_cuda:
         torch.cuda.synchronize(x.device)
-    return EditResult({n: p.detach() for n, p in params.items()}, success, steps, losses,
-                      time.perf_counter() - start, sample_logits.detach())
+    return FinetuneResult({n: p.detach() for n, p in params.items()}, success, steps, losses,
+                          time.perf_counter() - start, sample_logits.detach(), replay_ratio * len(losses),
+                          replay.source if replay_ratio else None)
 
 
 class LookupTable:
@@ -253,13 +267,21 @@ class EditorFixer(Fixer):
 
 
 class FinetuneFixer(Fixer):
-    """Fine-tuning with replay (see `finetune`); replay draws come from one seeded generator."""
+    """Fine-tuning with replay (see `finetune`); replay draws come from one seeded generator.
+
+    `replay`: the training images to replay; None replays the shipped training sample
+    (`load_train_sample`), so fine-tuning never runs without replay unless `replay_ratio` is 0.
+    """
 
     name = "finetune"
 
-    def __init__(self, model: StagedNet, replay: ImageSet | None, replay_ratio: int = 15, optimizer: str = "sgd",
-                 lr: float | None = None, max_steps: int = 100, seed: int = 0, prefix: str | None = None):
+    def __init__(self, model: StagedNet, replay: ImageSet | None = None,
+                 replay_ratio: int = FINETUNE_DEFAULTS["replay_ratio"], optimizer: str = FINETUNE_DEFAULTS["optimizer"],
+                 lr: float | None = None, max_steps: int = FINETUNE_DEFAULTS["max_steps"], seed: int = 0,
+                 prefix: str | None = FINETUNE_DEFAULTS["prefix"]):
         super().__init__(model)
+        if replay is None and replay_ratio:
+            replay = load_train_sample()
         self.replay, self.replay_ratio, self.optimizer = replay, replay_ratio, optimizer
         self.lr = FINETUNE_DEFAULT_LR.get(optimizer) if lr is None else lr
         self.max_steps, self.prefix = max_steps, prefix
@@ -271,7 +293,9 @@ class FinetuneFixer(Fixer):
 
     def hyperparameters(self) -> dict:
         return {"optimizer": self.optimizer, "lr": self.lr, "max_steps": self.max_steps,
-                "replay_ratio": self.replay_ratio, "prefix": self.prefix or "all"}
+                "replay_ratio": self.replay_ratio, "prefix": self.prefix or "all",
+                "replay": self.replay.source if self.replay_ratio else None,
+                "replay_size": len(self.replay) if self.replay_ratio else 0}
 
 
 class LookupFixer(Fixer):

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .data import CLASSES, ImageSet, load_cifar10, load_sample, resolve_data_root
+from .data import CLASSES, ImageSet, load_cifar10, load_sample, load_train_sample, resolve_data_root
 from .device import pick_device
 from .nae import load_nae
 from .session import EditReport, EditSession, EditSettings, ImageRef, SettingsError, SharedModel
@@ -111,13 +111,12 @@ class Lab:
             return f"Natural adversarial examples ({len(self.sources[SOURCE_NAE]):,})"
         return "Your uploads"
 
-    def replay_set(self) -> ImageSet | None:
-        """CIFAR-10 training images for fine-tuning's replay: read on first use; None without a data root."""
-        if self.data_root is None:
-            return None
+    def replay_set(self) -> ImageSet:
+        """Training images for fine-tuning's replay, read on first use: the CIFAR-10 training set with a
+        data root, else the shipped 2,000-image training sample (never none)."""
         with self._train_lock:
             if self._train is None:
-                self._train = load_cifar10("train", self.data_root)
+                self._train = load_cifar10("train", self.data_root) if self.data_root is not None else load_train_sample()
             return self._train
 
     def short_source_label(self, name: str) -> str:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from editcore import DataError, augment, load_cifar10, load_sample, normalize, resolve_data_root
+from editcore import DataError, augment, load_cifar10, load_sample, load_train_sample, normalize, resolve_data_root
 from editcore.data import BATCH_DIR, TEST_BATCHES, TRAIN_BATCHES
 
 
@@ -104,6 +104,16 @@ def test_embedded_sample_is_test_images_0_to_999(sample):
     assert sample.labels.min() >= 0 and sample.labels.max() <= 9
     assert torch.bincount(sample.labels, minlength=10).min() > 50  # all classes present
     assert sample.labels[:10].tolist() == [3, 8, 8, 0, 6, 6, 1, 6, 3, 1]  # the start of CIFAR-10's test labels
+
+
+def test_shipped_training_sample_loads_without_a_root_and_is_class_balanced(monkeypatch):
+    monkeypatch.delenv("EDITLAB_DATA", raising=False)
+    train = load_train_sample()
+    assert train.source == "cifar10-train-sample"
+    assert train.images.dtype == torch.uint8 and train.images.shape == (2000, 3, 32, 32)
+    assert torch.bincount(train.labels, minlength=10).tolist() == [200] * 10
+    # Distinct training images, stored in training-index order (assets/README.md).
+    assert bool((train.indices.diff() > 0).all()) and 0 <= int(train.indices.min()) and int(train.indices.max()) < 50000
 
 
 def test_normalize_uses_the_training_statistics():

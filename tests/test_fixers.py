@@ -99,11 +99,12 @@ def test_finetune_reaches_the_target_and_leaves_the_base_model_untouched(optimiz
     target = torch.tensor([(base_class + 3) % 10])
     lr = 0.05 if optimizer == "sgd" else 0.01
     result = finetune(model, normalize(image), target, replay, replay_ratio=4, optimizer=optimizer, lr=lr,
-                      max_steps=200, gen=torch.Generator().manual_seed(0))
+                      max_steps=200, gen=torch.Generator().manual_seed(0), prefix=None)
     assert result.success and 0 < result.steps <= 200
     assert set(result.params) == {n for n, _ in model.named_parameters()}
     assert int(full_logits(model, image, result.params).argmax(1)) == int(target)
     assert len(result.losses) == result.steps + 1
+    assert (result.replay_source, result.replayed) == ("synthetic", 4 * len(result.losses))
     for name, tensor in model.state_dict().items():
         assert torch.equal(before[name], tensor), name
 
@@ -115,6 +116,22 @@ def test_finetune_with_a_prefix_changes_only_those_parameters_and_stops_at_its_b
     result = finetune(model, normalize(image), target, None, replay_ratio=0, lr=1e-6, max_steps=3, prefix="head")
     assert set(result.params) == {"head.2.weight", "head.2.bias"}
     assert not result.success and result.steps == 3
+    assert (result.replay_source, result.replayed) == (None, 0)
+
+
+def test_finetune_fixer_replays_the_shipped_training_sample_when_given_no_replay(monkeypatch):
+    """The library default never fine-tunes on the corrected image alone: with no replay set it draws
+    replay_ratio images per step from the shipped 2,000-image training sample."""
+    monkeypatch.delenv("EDITLAB_DATA", raising=False)
+    model = make_tiny()
+    fixer = FinetuneFixer(model, optimizer="sgd", lr=0.05, max_steps=20, prefix=None)
+    image = random_images(1, size=32, seed=4)
+    target = torch.tensor([(int(full_logits(model, image).argmax(1)) + 3) % 10])
+    result = fixer.fix(image, target)
+    assert fixer.replay_ratio > 0 and result.replay_source == "cifar10-train-sample"
+    assert result.replayed == fixer.replay_ratio * len(result.losses) > 0
+    assert fixer.hyperparameters()["replay"] == "cifar10-train-sample"
+    assert fixer.hyperparameters()["replay_size"] == 2000
 
 
 def test_finetune_fixer_is_seeded():
@@ -122,10 +139,25 @@ def test_finetune_fixer_is_seeded():
     replay = ImageSet(random_images(32, seed=5), torch.arange(32) % 10, torch.arange(32), "synthetic")
     image = random_images(1, seed=4)
     target = torch.tensor([(int(full_logits(model, image).argmax(1)) + 3) % 10])
-    runs = [FinetuneFixer(model, replay, replay_ratio=4, lr=0.05, max_steps=50, seed=1).fix(image, target)
+    runs = [FinetuneFixer(model, replay, replay_ratio=4, optimizer="sgd", lr=0.05, max_steps=50, seed=1, prefix=None)
+            .fix(image, target)
             for _ in range(2)]
     assert runs[0].steps == runs[1].steps
     assert all(torch.equal(runs[0].params[n], runs[1].params[n]) for n in runs[0].params)
+
+
+def test_the_compare_view_names_the_replay_source(monkeypatch):
+    from editcore.compare import finetune_detail
+
+    monkeypatch.delenv("EDITLAB_DATA", raising=False)
+    model = make_tiny()
+    training_set = ImageSet(random_images(8), torch.arange(8) % 10, torch.arange(8), "cifar10-train")
+    assert "7 replayed images per step from the CIFAR-10 training set (8 images)" in \
+        finetune_detail(FinetuneFixer(model, training_set, replay_ratio=7))
+    default = FinetuneFixer(model)
+    assert f"{default.replay_ratio} replayed images per step from the shipped 2,000-image training sample" in \
+        finetune_detail(default)
+    assert finetune_detail(FinetuneFixer(model, replay_ratio=0)).endswith("no replay")
 
 
 # --- held-out evaluation with parameters before the split -------------------------------------
@@ -234,8 +266,10 @@ def test_cli_lookup_exact_on_the_sample(sample_checkpoint, capsys, monkeypatch):
 def test_cli_finetune_on_the_sample(sample_checkpoint, capsys, monkeypatch):
     summary, err = run_evaluate(sample_checkpoint, capsys, monkeypatch, "--fixer", "finetune", "--finetune-steps", "20",
                                 "--heldout-size", "300", "--replay-ratio", "7", "--verbose")
-    assert "replay images are the embedded test sample" in err
+    assert "fine-tuning replays the shipped sample of 2,000 CIFAR-10 training images" in err
     assert SUMMARY_KEYS <= set(summary) and summary["fixer"] == "finetune"
-    assert summary["fixer_hparams"]["replay_ratio"] == 7 and summary["fixer_hparams"]["max_steps"] == 20
+    hparams = summary["fixer_hparams"]
+    assert hparams["replay_ratio"] == 7 and hparams["max_steps"] == 20
+    assert (hparams["replay"], hparams["replay_size"]) == ("cifar10-train-sample", 2000)
     assert 0.0 <= summary["mean_steps"] <= 20 and -1.0 <= summary["generalization"] <= 1.0
     assert set(summary["generalization_by_family"]) == FAMILIES

@@ -271,7 +271,7 @@ def test_registry_evicts_the_oldest_beyond_its_cap(lab):
 
 def test_compare_runs_every_method_from_the_unedited_models(ws, lab):
     item = first_misclassified(ws)
-    views, outcomes = compare_fixes(lab.models, item.image, item.label, "rmsprop", 20, replay=None, finetune_steps=20)
+    views, outcomes = compare_fixes(lab.models, item.image, item.label, "rmsprop", 20, lab.replay_set(), finetune_steps=20)
     titles = [o.title for o in outcomes]
     assert titles == ["Lookup table, exact match (baseline model)", "Lookup table, nearest neighbour (baseline model)",
                       "Fine-tuning (baseline model)", "Editor on the baseline model", "Editor on the editable model",
@@ -287,6 +287,19 @@ def test_compare_runs_every_method_from_the_unedited_models(ws, lab):
     assert exact.accuracy_after - exact.accuracy_before == pytest.approx(1 / 1000)
     assert all(o.accuracy_before == outcomes[0].accuracy_before for o in outcomes[:4])
     assert ws.session("baseline").history == []  # comparing is not editing
+    # No data root: fine-tuning replays the shipped training sample, and the page says so.
+    finetuning = outcomes[2]
+    assert (finetuning.hyperparameters["replay"], finetuning.hyperparameters["replay_size"]) == ("cifar10-train-sample", 2000)
+    assert finetuning.hyperparameters["replay_ratio"] > 0 and finetuning.hyperparameters["max_steps"] == 20
+    assert f"{finetuning.hyperparameters['replay_ratio']} replayed images per step from the shipped 2,000-image " \
+           "training sample" in finetuning.detail
+
+
+def test_without_a_data_root_the_replay_set_is_the_shipped_training_sample(lab):
+    assert lab.data_root is None
+    replay = lab.replay_set()
+    assert (replay.source, len(replay)) == ("cifar10-train-sample", 2000)
+    assert lab.replay_set() is replay  # read once
 
 
 def test_mixed_precision_held_out_predictions_equal_float32(lab):

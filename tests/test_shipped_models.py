@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from editcore import (DEFAULT_EDITOR, EditableModel, HeldOutEvaluator, create_editor, draw_edits, edit, evaluate_edits,
-                      load_checkpoint, load_sample, normalize, read_card)
+                      full_logits, load_checkpoint, load_sample, normalize, read_card)
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BASELINE = ASSETS / "resnet20_baseline.safetensors"
@@ -86,3 +86,34 @@ def test_default_edits_correct_sample_images_locally(path):
     assert final.tolist() == targets
     drop = 100 * (base - accuracy(heldout.predict(params)))
     assert drop <= SESSION_DROP_BOUND, drop
+
+
+# Test #59 (a frog both shipped models call a cat), the correction issue 13 reproduced in the app's compare view:
+# fine-tuning the editable model without replay (SGD lr 0.01 on every weight) cost 78.3 points of held-out
+# accuracy. On the embedded default (held-out = the test sample, which holds #59 itself) with the shipped
+# replay sample and the tuned defaults it measured 0.7 points (baseline, 17 held-out images broken) and
+# 0.5 points (editable, 18 broken); Adam at lr 1e-4 measured 2.2 and 1.3. The bound leaves about 3x margin
+# for other platforms' floating point.
+FROG_59_BOUND_POINTS = 2.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, path", [("baseline", BASELINE), ("editable", EDITABLE)])
+def test_finetuning_one_correction_on_the_default_path_costs_little_heldout_accuracy(name, path, monkeypatch,
+                                                                                   one_torch_thread):
+    from editcore import SOURCE_TEST, Lab, compare_fixes
+
+    monkeypatch.delenv("EDITLAB_DATA", raising=False)
+    lab = Lab.load([(name, path)], log=lambda *_: None)  # no data root: the embedded default
+    test = lab.sources[SOURCE_TEST]
+    image, frog = test.images[59], int(test.labels[59])
+    assert int(full_logits(lab.models[name].model, image[None]).argmax()) != frog  # a correction
+    _, outcomes = compare_fixes(lab.models, image, frog, "rmsprop", 10, lab.replay_set())
+    finetuning = next(o for o in outcomes if o.title.startswith("Fine-tuning"))
+    assert finetuning.hyperparameters["replay"] == "cifar10-train-sample" and finetuning.hyperparameters["replay_ratio"] > 0
+    assert finetuning.success
+    cost = 100 * (finetuning.accuracy_before - finetuning.accuracy_after)
+    print(f"fine-tuning the {name} model on test #59: {finetuning.detail}; held-out accuracy "
+          f"{100 * finetuning.accuracy_before:.1f}% -> {100 * finetuning.accuracy_after:.1f}% ({cost:+.1f} points, "
+          f"{finetuning.n_broken} broken)")
+    assert cost < FROG_59_BOUND_POINTS
