@@ -8,6 +8,7 @@ import io
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 from editcore import CLASSES, BrowseItem, EditEntry, EditReport
@@ -69,7 +70,11 @@ def accuracy_plot(curve: list[float], model: str, n_heldout: int) -> Figure:
     axes.set_xlabel("edits applied")
     axes.set_ylabel("held-out accuracy (%)")
     axes.set_title(f"Held-out accuracy ({n_heldout:,} images)", fontsize=11)
-    axes.set_xticks(steps if len(steps) <= 12 else None)
+    # Every edit gets a tick up to 12; beyond that matplotlib picks whole-number ticks (None is not a tick list).
+    if len(steps) <= 12:
+        axes.set_xticks(steps)
+    else:
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     low, high = min(values), max(values)
     pad = max(1.0, 0.25 * (high - low))
     axes.set_ylim(low - pad, high + pad)
