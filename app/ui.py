@@ -6,6 +6,8 @@ gradio_client) has its own edits; the models and held-out caches inside `Lab` ar
 import functools
 import json
 import os
+import re
+import secrets
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -269,22 +271,23 @@ class Handlers:
         report = ws.apply_batch(model, settings, lambda fraction, stage: progress(fraction, desc=stage))
         return (*self._report_outputs(ws, report), self._batch_text(ws.batch))
 
-    def _export_path(self, request, name: str) -> Path:
-        folder = self.export_dir / _session_key(request)[:32]
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder / name
+    def _export_path(self, stem: str, suffix: str) -> Path:
+        """A new file in the app's own export folder. Its name is generated here, never built from a client
+        value (the session hash is chosen by the client: '../..' or an absolute path must not pick a folder)."""
+        safe_stem = re.sub(r"[^A-Za-z0-9_.-]", "_", stem)  # model names come from the operator's --checkpoint
+        return self.export_dir / f"{safe_stem}-{secrets.token_hex(8)}{suffix}"
 
     @user_errors
     def export_weights(self, request: gr.Request):
         ws = self.workspace(request)
         session = ws.session(ws.model)
-        path = session.export_weights(self._export_path(request, f"editlab-{ws.model}-{len(session.history)}edits.safetensors"))
+        path = session.export_weights(self._export_path(f"editlab-{ws.model}-{len(session.history)}edits", ".safetensors"))
         return gr.update(value=[str(path), str(path.with_suffix(".json"))], visible=True)
 
     @user_errors
     def export_log(self, request: gr.Request):
         ws = self.workspace(request)
-        path = self._export_path(request, f"editlab-{ws.model}-edit-log.json")
+        path = self._export_path(f"editlab-{ws.model}-edit-log", ".json")
         path.write_text(json.dumps(ws.session(ws.model).log(), indent=1) + "\n")
         return gr.update(value=[str(path)], visible=True)
 

@@ -110,3 +110,15 @@ def test_app_py_stops_with_a_message_when_a_checkpoint_is_missing(tmp_path):
     result = subprocess.run([sys.executable, "app.py", "--checkpoint", str(missing)], capture_output=True, text=True,
                             timeout=300, cwd=Path(__file__).resolve().parent.parent)
     assert result.returncode == 2 and f"checkpoint {missing} does not exist" in result.stderr
+
+
+@pytest.mark.parametrize("hostile", ["absolute", "dotdot"])
+def test_exports_stay_in_the_apps_folder_whatever_the_session_id(handlers, tmp_path, hostile):
+    target = tmp_path / "elsewhere"
+    session_id = str(target) if hostile == "absolute" else "../../../../../../../.." + str(target)
+    r = request(session_id)
+    handlers.on_load(r)
+    written = [*handlers.export_log(r)["value"], *handlers.export_weights(r)["value"]]
+    assert not target.exists()
+    assert all(Path(path).parent == handlers.export_dir for path in written)
+    assert len(set(written)) == 3 and all(Path(path).is_file() for path in written)
