@@ -82,6 +82,19 @@ def _number(value, name: str) -> float:
     return number
 
 
+def _whole_number(value, name: str) -> int:
+    number = _number(value, name)
+    if number != int(number):
+        raise SettingsError(f"{name} must be a whole number, got {value!r}")
+    return int(number)
+
+
+def _all_finite(result) -> bool:
+    """False when an edit's loss or parameters went NaN / infinite (then it must not be kept)."""
+    return all(math.isfinite(loss) for loss in result.losses) and \
+        all(bool(torch.isfinite(p).all()) for p in result.params.values())
+
+
 @dataclass(frozen=True)
 class EditSettings:
     """How to edit. lr None: the editor's default (tuned) rate, the same for every model; layers '':
@@ -414,7 +427,10 @@ class EditSession:
         broken = torch.nonzero(changed & (before == labels)).view(-1).tolist()
         acc_before, acc_after = self.heldout_accuracy(), self.heldout_accuracy(probs_after)
         drop = 100 * (acc_before - acc_after)
-        if not result.success:
+        if not _all_finite(result):
+            applied, message = False, ("The edit's loss became NaN or infinite (the learning rate is probably too "
+                                       "large); rolled back.")
+        elif not result.success:
             applied, message = False, (f"The edit did not reach the target within {settings.max_steps} steps; "
                                        "rolled back (try more steps or a larger learning rate).")
         elif settings.max_drop is not None and drop > settings.max_drop:
@@ -481,13 +497,15 @@ class EditSession:
         }
 
     def replay(self, log: dict) -> list[EditReport]:
-        """Reset, then apply every edit of `log` (from `log()`) with its recorded settings.
-        Raises SettingsError (state untouched) if the log is malformed or for another model."""
+        """Replace this session's edits by those of `log` (from `log()`), each applied with its recorded
+        settings; one report per edit of the log (an edit that cannot succeed again is rolled back).
+        All or nothing: the whole log is validated first and replayed on a scratch session, so a refused
+        log (SettingsError) or a failure midway leaves this session exactly as it was."""
         edits = parse_log(log, self.shared)
-        self.reset()
-        reports = []
-        for item in edits:
-            reports.append(self.apply(item["images"], item["targets"], item["settings"], item["refs"]))
+        scratch = EditSession(self.shared)
+        reports = [scratch.apply(item["images"], item["targets"], item["settings"], item["refs"]) for item in edits]
+        self.layers, self.history, self._stack = scratch.layers, scratch.history, scratch._stack
+        self._source_cache = {}
         return reports
 
 
@@ -497,21 +515,36 @@ def parse_log(log: dict, shared: SharedModel) -> list[dict]:
         raise SettingsError(f"not an EditLab edit log (expected \"format\": \"{LOG_FORMAT}\")")
     if log.get("version") != LOG_VERSION:
         raise SettingsError(f"edit log version {log.get('version')!r} is not supported (this app reads {LOG_VERSION})")
-    arch = (log.get("checkpoint") or {}).get("arch")
+    if not isinstance(log.get("checkpoint"), dict):
+        raise SettingsError("malformed edit log: \"checkpoint\" must be an object")
+    arch = log["checkpoint"].get("arch")
     if arch != shared.card["arch"]:
         raise SettingsError(f"the log edits a {arch} model but {shared.name} is a {shared.card['arch']}")
+    if not isinstance(log.get("edits"), list):
+        raise SettingsError("malformed edit log: \"edits\" must be a list")
+    if len(log["edits"]) > MAX_EDITS_PER_SESSION:
+        raise SettingsError(f"the edit log has {len(log['edits'])} edits; a session keeps at most {MAX_EDITS_PER_SESSION}")
     edits = []
-    try:
-        for item in log["edits"]:
+    for number, item in enumerate(log["edits"], 1):
+        try:
             settings = EditSettings(**item["settings"]).resolved(shared)
-            refs = [ImageRef(str(r["source"]), int(r["index"])) for r in item["refs"]]
+            refs = [ImageRef(str(r["source"]), _whole_number(r["index"], "index")) for r in item["refs"]]
             images = torch.stack([decode_pixels(p) for p in item["pixels"]])
-            targets = [int(t) for t in item["target_indices"]]
-            edits.append({"images": images, "targets": targets, "settings": settings, "refs": refs})
-    except SettingsError:
-        raise
-    except (KeyError, TypeError, ValueError) as exc:
-        raise SettingsError(f"malformed edit log: {exc!r}") from None
+            targets = [_whole_number(t, "target") for t in item["target_indices"]]
+        except SettingsError as exc:
+            raise SettingsError(f"edit {number} of the log: {exc}") from None
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise SettingsError(f"malformed edit log, edit {number}: {exc!r}") from None
+        if not len(images) == len(targets) == len(refs):
+            raise SettingsError(f"edit {number} of the log has {len(images)} image(s), {len(targets)} target(s) and "
+                                f"{len(refs)} reference(s); they must match")
+        if not all(0 <= t < len(CLASSES) for t in targets):
+            raise SettingsError(f"edit {number} of the log: targets must be class indices 0-{len(CLASSES) - 1}, "
+                                f"got {targets}")
+        if edits and settings.layers != edits[0]["settings"].layers:
+            raise SettingsError(f"edit {number} of the log changes {settings.layers} but edit 1 changes "
+                                f"{edits[0]['settings'].layers}; a session edits one set of layers")
+        edits.append({"images": images, "targets": targets, "settings": settings, "refs": refs})
     return edits
 
 
@@ -523,6 +556,8 @@ def read_log(data: bytes | str) -> dict:
         return json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SettingsError(f"the edit log is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise SettingsError("the edit log is nested too deeply to be an EditLab edit log") from None
 
 
 def view_names() -> list[str]:

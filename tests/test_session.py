@@ -325,3 +325,92 @@ def test_a_missing_checkpoint_is_a_note_and_an_nae_set_a_source(lab, tmp_path):
     assert any("gone.safetensors" in note and "missing" in note for note in partial.notes)
     with pytest.raises(FileNotFoundError, match="gone.safetensors"):
         Lab.load([("editable", tmp_path / "gone.safetensors")], log=lambda *_: None)
+
+
+def two_edits(ws, model="editable"):
+    """Two applied edits of `model` in `ws`; returns its session."""
+    page = ws.browse(model, BrowseQuery(misclassified=True, page_size=3))
+    for item in page.items[:2]:
+        ws.select(item.ref)
+        assert ws.apply(model, item.label, EditSettings(max_steps=30)).applied
+    return ws.session(model)
+
+
+def same_state(session, history, params) -> bool:
+    return session.history == history and session.params.keys() == params.keys() and \
+        all(torch.equal(params[k], session.params[k]) for k in params)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda log: log["edits"][1].update(target_indices=[99]), "edit 2 of the log: targets must be class indices"),
+    (lambda log: log["edits"][1]["settings"].update(layers="layer2"), "edit 2 of the log changes layer2"),
+    (lambda log: log["edits"][1]["settings"].update(layers="stem"), "edit 2 of the log: editable layers"),
+    (lambda log: log["edits"][1]["refs"].append({"source": "test", "index": 1}), "must match"),
+    (lambda log: log.update(checkpoint=[]), "checkpoint"),
+    (lambda log: log.update(edits={"not": "a list"}), "must be a list"),
+])
+def test_a_log_refused_anywhere_leaves_the_session_as_it_was(ws, mutate, message):
+    session = two_edits(ws)
+    history, params = list(session.history), dict(session.params)
+    log = json.loads(json.dumps(session.log()))
+    mutate(log)
+    with pytest.raises(SettingsError, match=message):
+        session.replay(log)
+    assert same_state(session, history, params)
+
+
+def test_a_replay_that_fails_midway_leaves_the_session_as_it_was(ws, monkeypatch):
+    from editcore.session import EditSession
+
+    session = two_edits(ws)
+    history, params = list(session.history), dict(session.params)
+    log = session.log()
+    calls, real_apply = [], EditSession.apply
+
+    def apply_then_fail(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("the server went away")
+        return real_apply(self, *args, **kwargs)
+
+    monkeypatch.setattr(EditSession, "apply", apply_then_fail)
+    with pytest.raises(RuntimeError):
+        session.replay(log)
+    assert len(calls) == 2 and same_state(session, history, params)
+
+
+def test_a_refused_edit_does_not_switch_the_model_on_screen(ws):
+    session = two_edits(ws)
+    with pytest.raises(SettingsError, match="learning rate"):
+        ws.apply("baseline", 3, EditSettings(lr=-1, max_steps=10, layers="layer3"))
+    assert ws.model == "editable" and len(ws.session(ws.model).history) == 2 and session is ws.session(ws.model)
+
+
+def test_an_edit_cut_off_midway_leaves_no_trace(ws):
+    """A client that disconnects mid-edit: Gradio stops the event where it reports progress."""
+    session = two_edits(ws)
+    history, params = list(session.history), dict(session.params)
+
+    def disconnect(fraction, stage):
+        if fraction > 0.5:
+            raise ConnectionError("client went away")
+
+    with pytest.raises(ConnectionError):
+        ws.apply("editable", 3, EditSettings(max_steps=30), progress=disconnect)
+    assert same_state(session, history, params) and session.heldout_probs is session._top.heldout_probs
+
+
+def test_an_edit_whose_loss_turns_nan_is_rolled_back_with_a_message(ws, monkeypatch):
+    from editcore import create_editor
+
+    item = first_misclassified(ws)
+    shared = ws.session("baseline").shared
+    monkeypatch.setattr(shared, "make_editor", lambda name, lr: create_editor("gd", lr=1e38))
+    report = ws.apply("baseline", item.label, EditSettings(editor="gd", max_steps=5))
+    assert not report.applied and "NaN or infinite" in report.message
+    assert ws.session("baseline").history == [] and ws.session("baseline").params == {}
+
+
+def test_read_log_refuses_a_deeply_nested_document():
+    with pytest.raises(SettingsError, match="nested too deeply"):
+        read_log("[" * 200_000)
