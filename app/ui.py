@@ -193,7 +193,6 @@ class Handlers:
         if target not in CLASSES:
             raise SettingsError(f"target must be one of {', '.join(CLASSES)}, got {target!r}")
         settings = self._settings(editor, lr, max_steps, layers, max_drop)
-        ws.use_model(model)
         report = ws.apply(model, CLASSES.index(target), settings, lambda fraction, stage: progress(fraction, desc=stage))
         return self._report_outputs(ws, report)
 
@@ -267,7 +266,6 @@ class Handlers:
                     request: gr.Request, progress=gr.Progress()):
         ws = self.workspace(request)
         settings = self._settings(editor, lr, max_steps, layers, max_drop)
-        ws.use_model(model)
         report = ws.apply_batch(model, settings, lambda fraction, stage: progress(fraction, desc=stage))
         return (*self._report_outputs(ws, report), self._batch_text(ws.batch))
 

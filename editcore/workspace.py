@@ -286,10 +286,13 @@ class Workspace:
             return [ImageRef(SOURCE_UPLOADS, start + i) for i in range(len(decoded))]
 
     def apply(self, model: str, target: int, settings: EditSettings, progress=lambda fraction, stage: None) -> EditReport:
-        """Edit the selected image to `target` in this user's session of `model`."""
+        """Edit the selected image to `target` in this user's session of `model`, which is then the model on
+        screen. A refused edit (SettingsError) changes nothing, not even the model on screen."""
         with self.lock:
             ref, image, _ = self.selected()
-            return self.session(model).apply(image[None], [target], settings, [ref], progress)
+            report = self.session(model).apply(image[None], [target], settings, [ref], progress)
+            self.model = model
+            return report
 
     def add_to_batch(self, target: int) -> list[tuple[ImageRef, int]]:
         with self.lock:
@@ -302,13 +305,15 @@ class Workspace:
             return list(self.batch)
 
     def apply_batch(self, model: str, settings: EditSettings, progress=lambda fraction, stage: None) -> EditReport:
-        """One edit that gives every image of the batch its target; the batch is cleared if applied."""
+        """One edit that gives every image of the batch its target; the batch is cleared if applied. Like
+        `apply`, `model` is on screen afterwards unless the edit is refused."""
         with self.lock:
             if not self.batch:
                 raise SettingsError("the batch is empty: select images and press 'Add to batch'")
             images = torch.stack([self.image(ref)[0] for ref, _ in self.batch])
             report = self.session(model).apply(images, [t for _, t in self.batch], settings, [r for r, _ in self.batch],
                                                progress)
+            self.model = model
             if report.applied:
                 self.batch = []
             return report

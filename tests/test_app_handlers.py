@@ -122,3 +122,14 @@ def test_exports_stay_in_the_apps_folder_whatever_the_session_id(handlers, tmp_p
     assert not target.exists()
     assert all(Path(path).parent == handlers.export_dir for path in written)
     assert len(set(written)) == 3 and all(Path(path).is_file() for path in written)
+
+
+def test_a_refused_edit_keeps_the_session_on_its_model(handlers):
+    r = request("refused-model")
+    handlers.on_load(r)
+    handlers.select_image("test", 0, r)
+    handlers.apply_edit("cat", "editable", "rmsprop", None, 30, "layer3", 0, r)
+    with pytest.raises(gr.Error, match="learning rate"):
+        handlers.apply_edit("dog", "baseline", "rmsprop", -1, 10, "layer3", 0, r)
+    assert [h["targets"] for h in handlers.history(r)] == [["cat"]]
+    assert handlers.undo(r)[0]["model"] == "editable"
