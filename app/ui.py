@@ -166,9 +166,7 @@ class Handlers:
     def select_image(self, source: str, index: float, request: gr.Request):
         """API /select_image: pick image `index` of `source` ('test', 'nae' or 'uploads')."""
         ws = self.workspace(request)
-        if index is None or float(index) != int(float(index)):
-            raise SettingsError(f"index must be a whole number, got {index!r}")
-        ws.select(ImageRef(source, int(float(index))))
+        ws.select(ImageRef(source, index))  # refuses 2.5, 'abc', NaN with a message
         return self._selection_outputs(ws)
 
     @user_errors
@@ -301,13 +299,29 @@ class Handlers:
         model = log.get("model") if isinstance(log, dict) and log.get("model") in self.lab.models else ws.model
         reports = ws.session(model).replay(log)
         ws.use_model(model)
-        recorded = [e.get("heldout_accuracy_after") for e in log.get("edits", [])]
-        replayed = [r.heldout_accuracy_after for r in reports]
-        same = "reproduced exactly" if recorded == replayed else "NOT identical to the recorded accuracies"
-        message = (f"Replayed {len(reports)} edit(s) on the {model} model: held-out accuracy after each "
-                   f"{[round(100 * a, 2) for a in replayed]} — {same}.")
-        return (gr.update(value=model), *self._state_outputs(ws, message, {"replayed": len(reports),
-                                                                          "reproduced": recorded == replayed}))
+        return (gr.update(value=model), *self._state_outputs(ws, *replay_summary(log, reports, self.lab.models[model])))
+
+
+def replay_summary(log: dict, reports, shared) -> tuple[str, dict]:
+    """What a replay reproduced, in words and as the report's fields. 'Reproduced exactly' needs the same
+    weights (the log's checkpoint sha256), every edit kept, and every recorded accuracy met exactly."""
+    kept = [r for r in reports if r.applied]
+    dropped = [number for number, r in enumerate(reports, 1) if not r.applied]
+    recorded = [e.get("heldout_accuracy_after") for e in log["edits"]]
+    replayed = [r.heldout_accuracy_after for r in reports]
+    logged_sha = str(log["checkpoint"].get("sha256"))
+    same_weights = logged_sha == shared.sha256
+    reproduced = same_weights and not dropped and recorded == replayed
+    parts = [f"Replayed the log's {len(reports)} edit(s) on the {shared.name} model: **{len(kept)} kept**"]
+    if dropped:
+        parts.append(f", edit(s) {', '.join(map(str, dropped))} did not succeed again and were rolled back")
+    parts.append(f". Held-out accuracy after each: {[round(100 * a, 2) for a in replayed]} — "
+                 f"{'reproduced exactly' if reproduced else 'NOT identical to the log'}.")
+    if not same_weights:
+        parts.append(f" **The log was recorded on different weights** (checkpoint sha256 {logged_sha[:12]}… in the "
+                     f"log, {shared.sha256[:12]}… here), so the replay cannot reproduce it.")
+    return "".join(parts), {"replayed": len(reports), "kept": len(kept), "same_weights": same_weights,
+                            "reproduced": reproduced}
 
 
 def build_demo(lab: Lab) -> gr.Blocks:
@@ -347,7 +361,7 @@ def build_demo(lab: Lab) -> gr.Blocks:
                     page_info = gr.Markdown(elem_id="page-info")
                     next_page = gr.Button("Next page →", size="sm")
                 with gr.Row(equal_height=False):
-                    jump_index = gr.Number(label="Image index", precision=0, value=0, elem_id="jump-index",
+                    jump_index = gr.Number(label="Image index", value=0, step=1,  # no precision: 2.5 must reach the check, not round elem_id="jump-index",
                                            min_width=100, scale=1)
                     with gr.Column(scale=2):
                         jump = gr.Button("Open image by index", size="sm")

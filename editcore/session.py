@@ -82,7 +82,8 @@ def _number(value, name: str) -> float:
     return number
 
 
-def _whole_number(value, name: str) -> int:
+def whole_number(value, name: str) -> int:
+    """`value` as an int if it is a finite whole number (2.0 yes, 2.5 / 'abc' / NaN no); else SettingsError."""
     number = _number(value, name)
     if number != int(number):
         raise SettingsError(f"{name} must be a whole number, got {value!r}")
@@ -477,7 +478,7 @@ class EditSession:
         """The edited model as a checkpoint (safetensors + card) that `load_checkpoint` reads."""
         model = copy.deepcopy(self.shared.model).cpu()
         model.load_state_dict({k: v.cpu() for k, v in self.shared.edited_state_dict(self.params).items()})
-        card = {**self.shared.card, "edited_from": {"checkpoint": str(self.shared.path), "sha256": self.shared.sha256},
+        card = {**self.shared.card, "edited_from": {"checkpoint": self.shared.path.name, "sha256": self.shared.sha256},
                 "edits": [entry.summary() for entry in self.history]}
         card.pop("editor", None)  # save_checkpoint re-adds it from the editor it is given
         editor = copy.deepcopy(self.shared.learned_editor).cpu() if self.shared.learned_editor is not None else None
@@ -489,7 +490,7 @@ class EditSession:
             "format": LOG_FORMAT,
             "version": LOG_VERSION,
             "model": self.shared.name,
-            "checkpoint": {"path": str(self.shared.path), "sha256": self.shared.sha256, "arch": self.shared.card["arch"]},
+            "checkpoint": {"path": self.shared.path.name, "sha256": self.shared.sha256, "arch": self.shared.card["arch"]},
             "heldout": {"source": self.shared.heldout.source, "n": len(self.shared.heldout)},
             "layers": self.layers,
             "edits": [{**entry.summary(), "refs": [asdict(r) for r in entry.refs], "target_indices": entry.targets,
@@ -528,9 +529,9 @@ def parse_log(log: dict, shared: SharedModel) -> list[dict]:
     for number, item in enumerate(log["edits"], 1):
         try:
             settings = EditSettings(**item["settings"]).resolved(shared)
-            refs = [ImageRef(str(r["source"]), _whole_number(r["index"], "index")) for r in item["refs"]]
+            refs = [ImageRef(str(r["source"]), whole_number(r["index"], "index")) for r in item["refs"]]
             images = torch.stack([decode_pixels(p) for p in item["pixels"]])
-            targets = [_whole_number(t, "target") for t in item["target_indices"]]
+            targets = [whole_number(t, "target") for t in item["target_indices"]]
         except SettingsError as exc:
             raise SettingsError(f"edit {number} of the log: {exc}") from None
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:

@@ -20,7 +20,7 @@ from PIL import Image, ImageOps
 from .data import CLASSES, ImageSet, load_cifar10, load_sample, resolve_data_root
 from .device import pick_device
 from .nae import load_nae
-from .session import EditReport, EditSession, EditSettings, ImageRef, SettingsError, SharedModel
+from .session import EditReport, EditSession, EditSettings, ImageRef, SettingsError, SharedModel, whole_number
 
 SOURCE_TEST, SOURCE_NAE, SOURCE_UPLOADS = "test", "nae", "uploads"
 SORTS = ("index", "confidence-asc", "confidence-desc", "loss-desc")
@@ -28,6 +28,7 @@ MAX_UPLOAD_PIXELS = 40_000_000
 MAX_UPLOADS = 200
 MAX_BATCH = 32
 IMAGE_SIZE = 32
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # PIL's modes for 16-bit grey (PNG, TIFF)
 
 
 class ImageError(ValueError):
@@ -45,6 +46,8 @@ def decode_image(path: str | Path) -> torch.Tensor:
                 raise ImageError(f"{path.name} is {width}x{height} pixels; the limit is {MAX_UPLOAD_PIXELS // 1_000_000} megapixels")
             image.draft("RGB", (4 * IMAGE_SIZE, 4 * IMAGE_SIZE))  # JPEG: decode at a reduced scale, much faster
             image = ImageOps.exif_transpose(image)
+            if image.mode in SIXTEEN_BIT_MODES:  # convert("RGB") would clip at 255: almost white
+                image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
             if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
                 image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image.convert("RGBA"))
             image = image.convert("RGB")
@@ -56,7 +59,8 @@ def decode_image(path: str | Path) -> torch.Tensor:
     except ImageError:
         raise
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for damaged files; all mean "unreadable"
-        raise ImageError(f"{path.name} is not a readable image ({type(exc).__name__}: {exc})") from None
+        reason = str(exc).replace(str(path), path.name)  # PIL names the server's (temporary) path
+        raise ImageError(f"{path.name} is not a readable image ({type(exc).__name__}: {reason})") from None
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous()
 
 
@@ -190,7 +194,7 @@ class Workspace:
         if name == SOURCE_UPLOADS:
             n = len(self.uploads)
             return ImageSet(self.uploads, torch.full((n,), -1, dtype=torch.long), torch.arange(n), SOURCE_UPLOADS)
-        if name not in self.lab.sources:
+        if not isinstance(name, str) or name not in self.lab.sources:
             raise SettingsError(f"source must be one of {', '.join(self.lab.source_names())}, got {name!r}")
         return self.lab.sources[name]
 
@@ -247,6 +251,8 @@ class Workspace:
             return BrowsePage(items, len(rows), page, n_pages)
 
     def select(self, ref: ImageRef) -> tuple[torch.Tensor, int]:
+        """Select an image; its index may come from a client, so anything but a whole number is refused."""
+        ref = ImageRef(ref.source, whole_number(ref.index, "index"))
         with self.lock:
             image, label = self.image(ref)
             self.selection = ref

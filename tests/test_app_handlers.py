@@ -133,3 +133,53 @@ def test_a_refused_edit_keeps_the_session_on_its_model(handlers):
         handlers.apply_edit("dog", "baseline", "rmsprop", -1, 10, "layer3", 0, r)
     assert [h["targets"] for h in handlers.history(r)] == [["cat"]]
     assert handlers.undo(r)[0]["model"] == "editable"
+
+
+@pytest.mark.parametrize("index, message", [("abc", "index must be a number"), (float("nan"), "finite"),
+                                            (float("inf"), "finite"), (2.5, "whole number"), ([1], "must be a number")])
+def test_a_bad_image_index_is_a_clear_message(handlers, index, message):
+    r = request("bad-index")
+    with pytest.raises(gr.Error, match=message):
+        handlers.select_image("test", index, r)
+
+
+def edited_log(handlers, r, tmp_path, change) -> str:
+    """Two edits in session `r`, its exported log changed by `change(log)`, written to a file."""
+    handlers.on_load(r)
+    for index in (0, 1):
+        topk = handlers.select_image("test", index, r)[2]
+        runner_up = sorted(topk, key=topk.get)[-2]  # a target the model does not predict yet
+        assert handlers.apply_edit(runner_up, "editable", "rmsprop", None, 50, "layer3", 0, r)[0]["applied"]
+    log = json.loads(Path(handlers.export_log(r)["value"][0]).read_text())
+    change(log)
+    path = tmp_path / "log.json"
+    path.write_text(json.dumps(log))
+    return str(path)
+
+
+def test_a_replay_on_other_weights_says_so(handlers, tmp_path):
+    path = edited_log(handlers, request("sha-a"), tmp_path, lambda log: log["checkpoint"].update(sha256="0" * 64))
+    outputs = handlers.replay_log(path, request("sha-b"))
+    assert outputs[1]["same_weights"] is False and outputs[1]["reproduced"] is False
+    assert "recorded on different weights" in outputs[2] and "reproduced exactly" not in outputs[2]
+
+
+def test_a_replay_counts_only_the_edits_it_kept(handlers, tmp_path):
+    def hopeless_second_edit(log):
+        log["edits"][1]["settings"].update(lr=1e-9, max_steps=1)
+
+    path = edited_log(handlers, request("kept-a"), tmp_path, hopeless_second_edit)
+    outputs = handlers.replay_log(path, request("kept-b"))
+    assert (outputs[1]["replayed"], outputs[1]["kept"], outputs[1]["reproduced"]) == (2, 1, False)
+    assert "**1 kept**" in outputs[2] and "edit(s) 2 did not succeed again" in outputs[2]
+    assert len(handlers.history(request("kept-b"))) == 1
+
+
+def test_exported_logs_and_cards_name_the_checkpoint_without_its_server_path(handlers):
+    r = request("no-paths")
+    handlers.on_load(r)
+    log = json.loads(Path(handlers.export_log(r)["value"][0]).read_text())
+    shared = handlers.lab.models[log["model"]]
+    assert log["checkpoint"]["path"] == shared.path.name and log["checkpoint"]["sha256"] == shared.sha256
+    weights, _ = handlers.export_weights(r)["value"]
+    assert load_checkpoint(weights).card["edited_from"] == {"checkpoint": shared.path.name, "sha256": shared.sha256}

@@ -414,3 +414,21 @@ def test_an_edit_whose_loss_turns_nan_is_rolled_back_with_a_message(ws, monkeypa
 def test_read_log_refuses_a_deeply_nested_document():
     with pytest.raises(SettingsError, match="nested too deeply"):
         read_log("[" * 200_000)
+
+
+def test_a_16_bit_grey_png_keeps_its_tones(tmp_path):
+    gradient = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520, left to right and down
+    path = tmp_path / "gradient16.png"
+    Image.fromarray(gradient).save(path)
+    image = decode_image(path).float()
+    assert image.min() < 10 and image.max() > 245 and 110 < image.mean() < 145  # mid-grey on average, not white
+    assert torch.equal(image[0], image[1]) and torch.equal(image[1], image[2])
+
+
+def test_an_unreadable_upload_names_the_file_not_the_servers_path(tmp_path):
+    path = tmp_path / "server" / "temp" / "holiday.png"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"0" * 100)
+    with pytest.raises(ImageError) as refused:
+        decode_image(path)
+    assert "holiday.png" in str(refused.value) and str(path.parent) not in str(refused.value)
