@@ -105,11 +105,48 @@ def test_export_and_replay_round_trip(handlers):
     assert timeless(handlers.history(other)) == timeless(handlers.history(r))
 
 
+def run_app_py(checkpoint: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "app.py", "--checkpoint", str(checkpoint)], capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).resolve().parent.parent)
+
+
 def test_app_py_stops_with_a_message_when_a_checkpoint_is_missing(tmp_path):
     missing = tmp_path / "none.safetensors"
-    result = subprocess.run([sys.executable, "app.py", "--checkpoint", str(missing)], capture_output=True, text=True,
-                            timeout=300, cwd=Path(__file__).resolve().parent.parent)
+    result = run_app_py(missing)
     assert result.returncode == 2 and f"checkpoint {missing} does not exist" in result.stderr
+
+
+def _truncated(path: Path, tmp_path: Path) -> Path:
+    damaged = tmp_path / "truncated.safetensors"
+    damaged.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return damaged
+
+
+def _foreign_tensors(path: Path, tmp_path: Path) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    damaged = tmp_path / "foreign.safetensors"
+    save_file({"x": torch.zeros(3)}, str(damaged), metadata={"card": json.dumps({"arch": "resnet20"})})
+    return damaged
+
+
+def _broken_card(path: Path, tmp_path: Path) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    damaged = tmp_path / "card.safetensors"
+    save_file(load_file(str(path)), str(damaged), metadata={"card": '["not", "a card"]'})
+    return damaged
+
+
+@pytest.mark.parametrize("damage, message", [(_truncated, "is not a safetensors checkpoint"),
+                                             (_foreign_tensors, "is not a usable resnet20 checkpoint"),
+                                             (_broken_card, "has a damaged model card")])
+def test_app_py_stops_with_a_message_when_a_checkpoint_is_damaged(handlers, tmp_path, damage, message):
+    damaged = damage(handlers.lab.models["baseline"].path, tmp_path)
+    result = run_app_py(damaged)
+    assert result.returncode == 2 and f"error: {damaged} {message}" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("hostile", ["absolute", "dotdot"])
