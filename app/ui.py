@@ -208,6 +208,7 @@ class Handlers:
         return self._state_outputs(ws, f"Reset the {ws.model} model to its trained weights ({dropped} edit(s) dropped).",
                                    {"dropped": dropped})
 
+    @user_errors
     def history(self, request: gr.Request):
         """API /history: this session's applied edits of the model on screen."""
         ws = self.workspace(request)
@@ -248,6 +249,7 @@ class Handlers:
             raise SettingsError(f"target must be one of {', '.join(CLASSES)}, got {target!r}")
         return self._batch_text(ws.add_to_batch(CLASSES.index(target)))
 
+    @user_errors
     def clear_batch(self, request: gr.Request):
         ws = self.workspace(request)
         ws.batch = []
@@ -297,8 +299,7 @@ class Handlers:
             raise SettingsError(f"the edit log is larger than {MAX_LOG_UPLOAD_BYTES // 1_000_000} MB")
         log = read_log(Path(path).read_bytes())
         model = log.get("model") if isinstance(log, dict) and log.get("model") in self.lab.models else ws.model
-        reports = ws.session(model).replay(log)
-        ws.use_model(model)
+        reports = ws.replay(model, log)
         return (gr.update(value=model), *self._state_outputs(ws, *replay_summary(log, reports, self.lab.models[model])))
 
 

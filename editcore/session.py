@@ -90,6 +90,10 @@ def whole_number(value, name: str) -> int:
     return int(number)
 
 
+def _tensor_bytes(tensors) -> int:
+    return sum(t.nbytes for t in tensors)
+
+
 def _all_finite(result) -> bool:
     """False when an edit's loss or parameters went NaN / infinite (then it must not be kept)."""
     return all(math.isfinite(loss) for loss in result.losses) and \
@@ -371,6 +375,15 @@ class EditSession:
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         return self.shared.probabilities(images, self.params)
+
+    def state_bytes(self) -> int:
+        """Memory this session's edits hold: each keeps its edited parameters and held-out probabilities."""
+        return sum(_tensor_bytes(state.params.values()) + state.heldout_probs.nbytes for state in self._stack)
+
+    def edit_bytes(self, layers: str) -> int:
+        """Memory one more edit of `layers` will hold (what `state_bytes` grows by)."""
+        return _tensor_bytes(self.shared.editable(layers).frozen_base_params().values()) + \
+            self.shared.base_heldout_probs.nbytes
 
     def source_probabilities(self, key: str, images: torch.Tensor) -> torch.Tensor:
         """Probabilities of a fixed image set under the current edits (cached per state)."""

@@ -29,8 +29,10 @@ _keys = iter(range(10**6))
 
 @pytest.fixture
 def ws(lab):
-    """A fresh workspace (its own edits) on the shared lab."""
-    return lab.registry.get(f"test-{next(_keys)}")
+    """A fresh workspace (its own edits) on the shared lab, dropped after the test."""
+    key = f"test-{next(_keys)}"
+    yield lab.registry.get(key)
+    lab.registry.drop(key)
 
 
 def first_misclassified(ws, model="baseline"):
@@ -258,15 +260,65 @@ def test_workspaces_are_isolated_and_dropped(lab):
     assert lab.registry.get("iso-a") is not a and lab.registry.get("iso-a").sessions == {}
 
 
-def test_registry_evicts_the_oldest_beyond_its_cap(lab):
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def registry_with_clock(lab, **limits):
     from editcore.workspace import WorkspaceRegistry
 
-    registry = WorkspaceRegistry(lab, max_workspaces=2)
-    first = registry.get("1")
-    registry.get("2")
-    registry.get("1")  # touching it makes "2" the oldest
-    registry.get("3")
-    assert len(registry) == 2 and registry.get("1") is first
+    clock = Clock()
+    return WorkspaceRegistry(lab, keep_seconds=600, idle_seconds=3600, clock=clock, **limits), clock
+
+
+def test_a_full_registry_refuses_newcomers_and_never_drops_recent_work(lab):
+    registry, clock = registry_with_clock(lab, max_workspaces=2)
+    victim = registry.get("victim")
+    item = first_misclassified(victim)
+    assert victim.apply("baseline", item.label, EditSettings(lr=1e-3, max_steps=30)).applied
+    registry.get("other")
+    for attacker in range(5):
+        clock.now += 30
+        with pytest.raises(SettingsError, match="EditLab is full: 2 sessions"):
+            registry.get(f"attacker-{attacker}")
+    assert registry.get("victim") is victim and len(victim.session("baseline").history) == 1
+
+
+def test_a_full_registry_makes_room_by_dropping_the_least_recently_used_idle_session(lab):
+    registry, clock = registry_with_clock(lab, max_workspaces=2)
+    first, second = registry.get("first"), registry.get("second")
+    clock.now = 200
+    registry.get("first")  # "second" is now the least recently used
+    clock.now = 700  # both idle, "second" for over 10 minutes
+    newcomer = registry.get("newcomer")
+    assert registry.get("first") is first and registry.get("newcomer") is newcomer and len(registry) == 2
+    clock.now = 700 + 3601  # idle for over an hour: dropped at the next arrival even with room to spare
+    registry.drop("newcomer")
+    registry.get("late")
+    assert len(registry) == 1
+
+
+def test_edits_share_a_memory_budget_that_refuses_rather_than_drops_recent_work(lab):
+    probe = lab.registry.get("budget-probe")
+    one_edit = probe.session("baseline").edit_bytes("layer3")
+    registry, clock = registry_with_clock(lab, max_edit_bytes=int(2.5 * one_edit))
+    a, b = registry.get("a"), registry.get("b")
+    settings = EditSettings(lr=1e-3, max_steps=30)
+    item = first_misclassified(a)
+    b.select(item.ref)
+    assert a.apply("baseline", item.label, settings).applied
+    assert a.apply("baseline", item.label, settings).steps == 0  # kept: its state is held too
+    assert registry.edit_bytes() == a.edit_bytes() == 2 * one_edit
+    with pytest.raises(SettingsError, match="memory for edits is full"):
+        b.apply("baseline", item.label, settings)
+    assert b.session("baseline").history == [] and len(a.session("baseline").history) == 2
+    clock.now = 601  # "a" idle for over 10 minutes: dropped to make room
+    assert b.apply("baseline", item.label, settings).applied
+    assert len(registry) == 1 and registry.edit_bytes() == one_edit
 
 
 def test_compare_runs_every_method_from_the_unedited_models(ws, lab):
