@@ -13,6 +13,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import gradio as gr
+from gradio import processing_utils
+from gradio.components.plot import PlotData
 
 from editcore import (CLASSES, EDITORS, SOURCE_TEST, SOURCE_UPLOADS, BrowseQuery, EditSettings, ImageError, ImageRef,
                       Lab, SettingsError, compare_fixes, read_log, view_names)
@@ -25,6 +27,8 @@ SORT_LABELS = {"index": "image index", "confidence-asc": "confidence, lowest fir
 ALL_CLASSES = "all"
 PAGE_SIZE = 24
 MAX_LOG_UPLOAD_BYTES = 20_000_000
+PLOT_FORMAT = "png"
+PLOT_CACHE_SIZE = 128  # rendered plots (~40 KB each) kept for reuse
 INTRO = (
     "**Find a wrong prediction, fix it, and see what the fix costs.** An *editable* network "
     "(Sinitsin et al., “Editable Neural Networks”, ICLR 2020) is trained so that a few gradient steps on one "
@@ -53,6 +57,14 @@ def _lr_field(shared, editor: str):
     hint = f"default for {EDITOR_LABELS[editor]}" + (
         f"; editable training learned {learned:.3g} for this model: try it and compare" if learned else "")
     return gr.update(value=EDITORS[editor].default_lr, info=hint)
+
+
+@functools.lru_cache(maxsize=PLOT_CACHE_SIZE)
+def accuracy_plot(curve: tuple[float, ...], model: str, n_heldout: int) -> PlotData:
+    """The accuracy plot, rendered once per curve: undo, reset and every new session's first page show a
+    curve drawn before, and drawing one costs ~0.2 s of server CPU (docs/RELIABILITY.md)."""
+    figure = render.accuracy_plot(list(curve), model, n_heldout)
+    return PlotData(type="matplotlib", plot=processing_utils.encode_plot_to_base64(figure, PLOT_FORMAT))
 
 
 def _session_key(request) -> str:
@@ -101,7 +113,7 @@ class Handlers:
         report = {"model": ws.model, "edits": len(session.history), "heldout_accuracy": curve[-1],
                   "heldout_accuracy_base": curve[0], "message": message, **(summary or {})}
         image, info, topk, _ = self._selection_outputs(ws)
-        return (report, message, topk, info, render.accuracy_plot(curve, ws.model, len(session.shared.heldout)),
+        return (report, message, topk, info, accuracy_plot(tuple(curve), ws.model, len(session.shared.heldout)),
                 render.views_placeholder("Apply an edit to see how the edited model treats shifted, flipped and "
                                          "re-lit copies of the image."),
                 fixed_gallery, broken_gallery, render.history_rows(session.history), *self._browse_outputs(ws))
@@ -111,7 +123,7 @@ class Handlers:
         fixed_gallery, broken_gallery = self._flip_outputs(report.predictions_before, report.predictions_after,
                                                            report.fixed_rows, report.broken_rows)
         _, info, topk, _ = self._selection_outputs(ws)
-        plot = render.accuracy_plot(session.accuracy_curve(), ws.model, len(session.shared.heldout))
+        plot = accuracy_plot(tuple(session.accuracy_curve()), ws.model, len(session.shared.heldout))
         return (report.to_dict(), render.status_markdown(report), topk, info, plot,
                 render.views_html(report, self.view_names), fixed_gallery, broken_gallery,
                 render.history_rows(session.history), *self._browse_outputs(ws))
@@ -356,13 +368,14 @@ def build_demo(lab: Lab) -> gr.Blocks:
                     max_confidence = gr.Slider(0, 1, value=1, step=0.05, label="to")
                 browse_gallery = gr.Gallery(label="Click an image to inspect it · caption: true label → model's prediction",
                                             elem_id="browse-gallery", columns=6, height=560, allow_preview=False,
-                                            object_fit="contain", interactive=False)
+                                            format=render.THUMB_FORMAT, object_fit="contain", interactive=False)
                 with gr.Row():
                     prev_page = gr.Button("← Previous page", size="sm")
                     page_info = gr.Markdown(elem_id="page-info")
                     next_page = gr.Button("Next page →", size="sm")
                 with gr.Row(equal_height=False):
-                    jump_index = gr.Number(label="Image index", value=0, step=1,  # no precision: 2.5 must reach the check, not round elem_id="jump-index",
+                    # No precision: Gradio would round 2.5 to 2 before select_image could refuse it.
+                    jump_index = gr.Number(label="Image index", value=0, step=1, elem_id="jump-index",
                                            min_width=100, scale=1)
                     with gr.Column(scale=2):
                         jump = gr.Button("Open image by index", size="sm")
@@ -374,6 +387,7 @@ def build_demo(lab: Lab) -> gr.Blocks:
                 gr.Markdown("### 2 · Inspect and edit")
                 with gr.Row():
                     selected = gr.Image(label="Selected image", interactive=False, height=256, width=256,
+                                        format=render.THUMB_FORMAT,
                                         elem_id="selected-image", buttons=[])
                     with gr.Column():
                         info = gr.Markdown(elem_id="selected-info")
@@ -398,15 +412,16 @@ def build_demo(lab: Lab) -> gr.Blocks:
         gr.Markdown("### 3 · Effect of the edit")
         status = gr.Markdown(elem_id="status")
         with gr.Row(equal_height=False):
-            plot = gr.Plot(label="Held-out accuracy after each edit", elem_id="accuracy-plot", scale=2)
+            plot = gr.Plot(label="Held-out accuracy after each edit", elem_id="accuracy-plot", scale=2,
+                           format=PLOT_FORMAT)
             views = gr.HTML(elem_id="views", padding=True, scale=3)
         with gr.Row():
             fixed_gallery = gr.Gallery(label="Flip set: held-out images this edit fixed (prediction before → after)",
                                        elem_id="fixed-gallery", columns=8, height=260, allow_preview=False,
-                                       interactive=False)
+                                       format=render.THUMB_FORMAT, interactive=False)
             broken_gallery = gr.Gallery(label="Flip set: held-out images this edit broke (prediction before → after)",
                                         elem_id="broken-gallery", columns=8, height=260, allow_preview=False,
-                                        interactive=False)
+                                        format=render.THUMB_FORMAT, interactive=False)
         with gr.Accordion("Report (JSON, as returned by the /apply_edit API)", open=False):
             report = gr.JSON(elem_id="report")
 
