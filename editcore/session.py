@@ -41,6 +41,8 @@ MAX_LR = 10.0
 MAX_EDITS_PER_SESSION = 200  # each applied edit keeps one parameter dict and one set of probabilities
 MAX_LOG_BYTES = 20_000_000
 EVAL_BATCH = 1000
+ROW_BYTES = 36  # a held-out row in a flip list: an 8-byte pointer and a 28-byte int
+PIXELS_BYTES = 4096  # an edited 3x32x32 image in base64
 # Held-out re-evaluation is most of an edit's round trip. On CPUs with native bfloat16 (AVX512-BF16,
 # AMX) it runs in bfloat16, about twice as fast; every row whose bfloat16 top-2 logit margin is below
 # MARGIN_ABS + MARGIN_REL * |top logit| is recomputed in float32, so the predicted classes are float32's.
@@ -377,13 +379,17 @@ class EditSession:
         return self.shared.probabilities(images, self.params)
 
     def state_bytes(self) -> int:
-        """Memory this session's edits hold: each keeps its edited parameters and held-out probabilities."""
-        return sum(_tensor_bytes(state.params.values()) + state.heldout_probs.nbytes for state in self._stack)
+        """Memory this session's edits hold: each keeps its edited parameters, held-out probabilities, flip
+        rows (Python ints) and the edited images' pixels (base64)."""
+        return sum(_tensor_bytes(state.params.values()) + state.heldout_probs.nbytes for state in self._stack) + \
+            sum(ROW_BYTES * (len(e.fixed_rows) + len(e.broken_rows)) + sum(map(len, e.pixels)) for e in self.history)
 
-    def edit_bytes(self, layers: str) -> int:
-        """Memory one more edit of `layers` will hold (what `state_bytes` grows by)."""
-        return _tensor_bytes(self.shared.editable(layers).frozen_base_params().values()) + \
-            self.shared.base_heldout_probs.nbytes
+    def edit_bytes(self, layers: str, n_images: int = 1) -> int:
+        """The most that one more edit of `layers` on `n_images` images adds to `state_bytes` (every held-out
+        image a flip at worst)."""
+        probs = self.shared.base_heldout_probs
+        return _tensor_bytes(self.shared.editable(layers).frozen_base_params().values()) + probs.nbytes + \
+            ROW_BYTES * len(probs) + n_images * PIXELS_BYTES
 
     def source_probabilities(self, key: str, images: torch.Tensor) -> torch.Tensor:
         """Probabilities of a fixed image set under the current edits (cached per state)."""

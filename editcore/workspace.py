@@ -303,10 +303,10 @@ class Workspace:
         """Memory the edits of this workspace's sessions hold."""
         return sum(session.state_bytes() for session in list(self.sessions.values()))
 
-    def _room_for(self, session: EditSession, settings: EditSettings, n_edits: int = 1):
-        """Reserve the lab's memory for `n_edits` new edits of `session` while they are computed."""
+    def _room_for(self, session: EditSession, settings: EditSettings, n_images: int):
+        """Reserve the lab's memory for a new edit of `session` on `n_images` images while it is computed."""
         layers = settings.resolved(session.shared).layers  # bad settings are refused before anything else
-        return self.registry.edit_room(self, n_edits * session.edit_bytes(layers))
+        return self.registry.edit_room(self, session.edit_bytes(layers, n_images))
 
     def apply(self, model: str, target: int, settings: EditSettings, progress=lambda fraction, stage: None) -> EditReport:
         """Edit the selected image to `target` in this user's session of `model`, which is then the model on
@@ -314,7 +314,7 @@ class Workspace:
         with self.lock:
             ref, image, _ = self.selected()
             session = self.session(model)
-            with self._room_for(session, settings):
+            with self._room_for(session, settings, 1):
                 report = session.apply(image[None], [target], settings, [ref], progress)
             self.model = model
             return report
@@ -327,7 +327,7 @@ class Workspace:
             edits = parse_log(log, session.shared)  # a bad log is refused before memory is reserved for it
             layers = edits[0]["settings"].layers if edits else session.layers
             # The replayed edits are reserved in full: the session's old ones are freed only once replaced.
-            with self.registry.edit_room(self, len(edits) * session.edit_bytes(layers)):
+            with self.registry.edit_room(self, sum(session.edit_bytes(layers, len(e["images"])) for e in edits)):
                 reports = session.replay(log)
             self.model = model
             return reports
@@ -350,7 +350,7 @@ class Workspace:
                 raise SettingsError("the batch is empty: select images and press 'Add to batch'")
             images = torch.stack([self.image(ref)[0] for ref, _ in self.batch])
             session = self.session(model)
-            with self._room_for(session, settings):
+            with self._room_for(session, settings, len(images)):
                 report = session.apply(images, [t for _, t in self.batch], settings, [r for r, _ in self.batch], progress)
             self.model = model
             if report.applied:

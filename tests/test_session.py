@@ -312,13 +312,13 @@ def test_edits_share_a_memory_budget_that_refuses_rather_than_drops_recent_work(
     b.select(item.ref)
     assert a.apply("baseline", item.label, settings).applied
     assert a.apply("baseline", item.label, settings).steps == 0  # kept: its state is held too
-    assert registry.edit_bytes() == a.edit_bytes() == 2 * one_edit
+    assert 0 < registry.edit_bytes() == a.edit_bytes() <= 2 * one_edit  # reserved at the most, held at most that
     with pytest.raises(SettingsError, match="memory for edits is full"):
         b.apply("baseline", item.label, settings)
     assert b.session("baseline").history == [] and len(a.session("baseline").history) == 2
     clock.now = 601  # "a" idle for over 10 minutes: dropped to make room
     assert b.apply("baseline", item.label, settings).applied
-    assert len(registry) == 1 and registry.edit_bytes() == one_edit
+    assert len(registry) == 1 and 0 < registry.edit_bytes() == b.edit_bytes() <= one_edit
 
 
 def test_compare_runs_every_method_from_the_unedited_models(ws, lab):
