@@ -28,6 +28,7 @@ ALL_CLASSES = "all"
 PAGE_SIZE = 24
 MAX_LOG_UPLOAD_BYTES = 20_000_000
 PLOT_FORMAT = "png"
+MAX_EXPORT_FILES = 200  # the newest exports (weights, cards, logs) kept for download
 PLOT_CACHE_SIZE = 128  # rendered plots (~40 KB each) kept for reuse
 INTRO = (
     "**Find a wrong prediction, fix it, and see what the fix costs.** An *editable* network "
@@ -285,6 +286,10 @@ class Handlers:
         """A new file in the app's own export folder. Its name is generated here, never built from a client
         value (the session hash is chosen by the client: '../..' or an absolute path must not pick a folder)."""
         safe_stem = re.sub(r"[^A-Za-z0-9_.-]", "_", stem)  # model names come from the operator's --checkpoint
+        # Every export is a new file, so the folder keeps only the newest MAX_EXPORT_FILES (disk stays bounded).
+        files = sorted(self.export_dir.iterdir(), key=lambda f: f.stat().st_mtime_ns)
+        for old in files[: max(0, len(files) - MAX_EXPORT_FILES + 2)]:  # + 2: a weights export writes two files
+            old.unlink(missing_ok=True)
         return self.export_dir / f"{safe_stem}-{secrets.token_hex(8)}{suffix}"
 
     @user_errors

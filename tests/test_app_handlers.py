@@ -220,3 +220,15 @@ def test_exported_logs_and_cards_name_the_checkpoint_without_its_server_path(han
     assert log["checkpoint"]["path"] == shared.path.name and log["checkpoint"]["sha256"] == shared.sha256
     weights, _ = handlers.export_weights(r)["value"]
     assert load_checkpoint(weights).card["edited_from"] == {"checkpoint": shared.path.name, "sha256": shared.sha256}
+
+
+def test_the_export_folder_keeps_only_the_newest_files(handlers, monkeypatch):
+    import app.ui
+
+    monkeypatch.setattr(app.ui, "MAX_EXPORT_FILES", 4)
+    r = request("many-exports")
+    handlers.on_load(r)
+    logs = [handlers.export_log(r)["value"][0] for _ in range(6)]
+    weights = handlers.export_weights(r)["value"]
+    kept = set(map(str, handlers.export_dir.iterdir()))
+    assert len(kept) <= 4 and set(weights) <= kept and logs[-1] in kept and logs[0] not in kept
