@@ -504,6 +504,9 @@ def launch(lab: Lab, host: str = "127.0.0.1", port: int = 7860, block: bool = Tr
     With block=False it returns (demo, url) at once; close with demo.close()."""
     demo = build_demo(lab)
     demo.queue(default_concurrency_limit=4)
+    # Gradio keeps every session's component values (plots, galleries, HTML) for up to 10,000 sessions
+    # by default, closed ones included; keep as many as the lab keeps workspaces, twice over.
     demo.launch(server_name=host, server_port=port, share=False, ssr_mode=False, css=render.CSS,
-                footer_links=["api"], max_file_size="25mb", prevent_thread_lock=not block, quiet=quiet)
+                footer_links=["api"], max_file_size="25mb", prevent_thread_lock=not block, quiet=quiet,
+                state_session_capacity=2 * lab.registry.max_workspaces)
     return demo, f"http://{host}:{port}/"
