@@ -8,8 +8,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 
 import torch  # noqa: E402
 
-from editcore import DataError, Lab, read_card  # noqa: E402
-from editcore.workspace import limit_allocator_retention  # noqa: E402
+from editcore import DataError, Lab, limit_allocator_retention, read_card  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_CHECKPOINTS = [f"baseline={ASSETS / 'resnet20_baseline.safetensors'}",
