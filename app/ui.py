@@ -9,6 +9,7 @@ import os
 import re
 import secrets
 import tempfile
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -78,6 +79,7 @@ class Handlers:
     def __init__(self, lab: Lab):
         self.lab = lab
         self.export_dir = Path(tempfile.mkdtemp(prefix="editlab-exports-"))
+        self._export_lock = threading.Lock()
         self.view_names = view_names()
 
     def workspace(self, request):
@@ -287,9 +289,10 @@ class Handlers:
         value (the session hash is chosen by the client: '../..' or an absolute path must not pick a folder)."""
         safe_stem = re.sub(r"[^A-Za-z0-9_.-]", "_", stem)  # model names come from the operator's --checkpoint
         # Every export is a new file, so the folder keeps only the newest MAX_EXPORT_FILES (disk stays bounded).
-        files = sorted(self.export_dir.iterdir(), key=lambda f: f.stat().st_mtime_ns)
-        for old in files[: max(0, len(files) - MAX_EXPORT_FILES + 2)]:  # + 2: a weights export writes two files
-            old.unlink(missing_ok=True)
+        with self._export_lock:  # two handlers pruning at once would stat each other's deleted files
+            files = sorted(self.export_dir.iterdir(), key=lambda f: f.stat().st_mtime_ns)
+            for old in files[: max(0, len(files) - MAX_EXPORT_FILES + 2)]:  # + 2: a weights export writes two files
+                old.unlink()
         return self.export_dir / f"{safe_stem}-{secrets.token_hex(8)}{suffix}"
 
     @user_errors
