@@ -218,7 +218,7 @@ def main() -> int:
     lines = [
         "## Load",
         "",
-        f"Command: `.venv/bin/python bench/load.py {shlex.join(sys.argv[1:])}`",
+        f"Command: `.venv/bin/python {shlex.join(['bench/load.py', *sys.argv[1:]])}`",
         "",
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.machine()}, {os.cpu_count()} "
         f"CPU cores, Python {platform.python_version()}; `python app.py` with its defaults (shipped checkpoints, "

@@ -73,7 +73,7 @@ def main() -> int:
         print(label, results[label], flush=True)
     workspace_module._libc = trim
 
-    lines = ["## Memory", "", f"Command: `.venv/bin/python bench/memory.py {shlex.join(sys.argv[1:])}`", "",
+    lines = ["## Memory", "", f"Command: `.venv/bin/python {shlex.join(['bench/memory.py', *sys.argv[1:]])}`", "",
              f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average (1 min) "
              f"{os.getloadavg()[0]:.1f}. One process, lab loaded: {loaded:.0f} MB RSS. Each round: "
              f"{args.sessions} sessions x {args.edits} kept edits from {args.threads} threads, then all dropped.",
