@@ -8,7 +8,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 
 import torch  # noqa: E402
 
-from editcore import DataError, Lab, read_card  # noqa: E402
+from editcore import DataError, Lab, limit_allocator_retention, read_card  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_CHECKPOINTS = [f"baseline={ASSETS / 'resnet20_baseline.safetensors'}",
@@ -53,6 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    limit_allocator_retention()  # before the lab's threads allocate: RSS falls back when sessions leave
     if args.threads:
         torch.set_num_threads(args.threads)
     say = lambda *parts: print(*parts, file=sys.stderr, flush=True)  # noqa: E731

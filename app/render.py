@@ -8,11 +8,16 @@ import io
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 from editcore import CLASSES, BrowseItem, EditEntry, EditReport
 
-THUMB_SCALE = 4  # 32 px -> 128 px, nearest neighbour: every CIFAR pixel stays a crisp square
+# Gallery thumbnails go out at 32 px as PNG; the page enlarges them with `image-rendering: pixelated`
+# (CSS below), so every CIFAR pixel stays a crisp square. Sending 128 px WebPs instead cost the server
+# ~3 ms per image, up to ~90 images per edit (docs/RELIABILITY.md).
+THUMB_SCALE = 1
+THUMB_FORMAT = "png"
 LARGE_SCALE = 8
 MAX_FLIPS_SHOWN = 32
 
@@ -69,7 +74,11 @@ def accuracy_plot(curve: list[float], model: str, n_heldout: int) -> Figure:
     axes.set_xlabel("edits applied")
     axes.set_ylabel("held-out accuracy (%)")
     axes.set_title(f"Held-out accuracy ({n_heldout:,} images)", fontsize=11)
-    axes.set_xticks(steps if len(steps) <= 12 else None)
+    # Every edit gets a tick up to 12; beyond that matplotlib picks whole-number ticks (None is not a tick list).
+    if len(steps) <= 12:
+        axes.set_xticks(steps)
+    else:
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     low, high = min(values), max(values)
     pad = max(1.0, 0.25 * (high - low))
     axes.set_ylim(low - pad, high + pad)

@@ -6,11 +6,16 @@ gradio_client) has its own edits; the models and held-out caches inside `Lab` ar
 import functools
 import json
 import os
+import re
+import secrets
 import tempfile
+import threading
 from dataclasses import replace
 from pathlib import Path
 
 import gradio as gr
+from gradio import processing_utils
+from gradio.components.plot import PlotData
 
 from editcore import (CLASSES, DEFAULT_EDITOR, EDITORS, SOURCE_TEST, SOURCE_UPLOADS, BrowseQuery, EditSettings, ImageError, ImageRef,
                       Lab, SettingsError, compare_fixes, read_log, view_names)
@@ -24,6 +29,9 @@ SORT_LABELS = {"index": "image index", "confidence-asc": "confidence, lowest fir
 ALL_CLASSES = "all"
 PAGE_SIZE = 24
 MAX_LOG_UPLOAD_BYTES = 20_000_000
+PLOT_FORMAT = "png"
+MAX_EXPORT_FILES = 200  # the newest exports (weights, cards, logs) kept for download
+PLOT_CACHE_SIZE = 128  # rendered plots (~40 KB each) kept for reuse
 INTRO = (
     "**Find a wrong prediction, fix it, and see what the fix costs.** An *editable* network "
     "(Sinitsin et al., “Editable Neural Networks”, ICLR 2020) is trained so that a few gradient steps on one "
@@ -57,6 +65,14 @@ def _editor_fields(shared, editor: str, session_layers: str | None = None):
             gr.update(choices=list(shared.layer_choices), value=session_layers or shared.layers_for(editor)))
 
 
+@functools.lru_cache(maxsize=PLOT_CACHE_SIZE)
+def accuracy_plot(curve: tuple[float, ...], model: str, n_heldout: int) -> PlotData:
+    """The accuracy plot, rendered once per curve: undo, reset and every new session's first page show a
+    curve drawn before, and drawing one costs ~0.2 s of server CPU (docs/RELIABILITY.md)."""
+    figure = render.accuracy_plot(list(curve), model, n_heldout)
+    return PlotData(type="matplotlib", plot=processing_utils.encode_plot_to_base64(figure, PLOT_FORMAT))
+
+
 def _session_key(request) -> str:
     return getattr(request, "session_hash", None) or "default"
 
@@ -67,6 +83,7 @@ class Handlers:
     def __init__(self, lab: Lab):
         self.lab = lab
         self.export_dir = Path(tempfile.mkdtemp(prefix="editlab-exports-"))
+        self._export_lock = threading.Lock()
         self.view_names = view_names()
 
     def workspace(self, request):
@@ -103,7 +120,7 @@ class Handlers:
         report = {"model": ws.model, "edits": len(session.history), "heldout_accuracy": curve[-1],
                   "heldout_accuracy_base": curve[0], "message": message, **(summary or {})}
         image, info, topk, _ = self._selection_outputs(ws)
-        return (report, message, topk, info, render.accuracy_plot(curve, ws.model, len(session.shared.heldout)),
+        return (report, message, topk, info, accuracy_plot(tuple(curve), ws.model, len(session.shared.heldout)),
                 render.views_placeholder("Apply an edit to see how the edited model treats shifted, flipped and "
                                          "re-lit copies of the image."),
                 fixed_gallery, broken_gallery, render.history_rows(session.history), *self._browse_outputs(ws))
@@ -113,7 +130,7 @@ class Handlers:
         fixed_gallery, broken_gallery = self._flip_outputs(report.predictions_before, report.predictions_after,
                                                            report.fixed_rows, report.broken_rows)
         _, info, topk, _ = self._selection_outputs(ws)
-        plot = render.accuracy_plot(session.accuracy_curve(), ws.model, len(session.shared.heldout))
+        plot = accuracy_plot(tuple(session.accuracy_curve()), ws.model, len(session.shared.heldout))
         return (report.to_dict(), render.status_markdown(report), topk, info, plot,
                 render.views_html(report, self.view_names), fixed_gallery, broken_gallery,
                 render.history_rows(session.history), *self._browse_outputs(ws))
@@ -167,9 +184,7 @@ class Handlers:
     def select_image(self, source: str, index: float, request: gr.Request):
         """API /select_image: pick image `index` of `source` ('test', 'nae' or 'uploads')."""
         ws = self.workspace(request)
-        if index is None or float(index) != int(float(index)):
-            raise SettingsError(f"index must be a whole number, got {index!r}")
-        ws.select(ImageRef(source, int(float(index))))
+        ws.select(ImageRef(source, index))  # refuses 2.5, 'abc', NaN with a message
         return self._selection_outputs(ws)
 
     @user_errors
@@ -194,7 +209,6 @@ class Handlers:
         if target not in CLASSES:
             raise SettingsError(f"target must be one of {', '.join(CLASSES)}, got {target!r}")
         settings = self._settings(editor, lr, max_steps, layers, max_drop)
-        ws.use_model(model)
         report = ws.apply(model, CLASSES.index(target), settings, lambda fraction, stage: progress(fraction, desc=stage))
         return self._report_outputs(ws, report)
 
@@ -212,6 +226,7 @@ class Handlers:
         return self._state_outputs(ws, f"Reset the {ws.model} model to its trained weights ({dropped} edit(s) dropped).",
                                    {"dropped": dropped})
 
+    @user_errors
     def history(self, request: gr.Request):
         """API /history: this session's applied edits of the model on screen."""
         ws = self.workspace(request)
@@ -252,6 +267,7 @@ class Handlers:
             raise SettingsError(f"target must be one of {', '.join(CLASSES)}, got {target!r}")
         return self._batch_text(ws.add_to_batch(CLASSES.index(target)))
 
+    @user_errors
     def clear_batch(self, request: gr.Request):
         ws = self.workspace(request)
         ws.batch = []
@@ -268,26 +284,31 @@ class Handlers:
                     request: gr.Request, progress=gr.Progress()):
         ws = self.workspace(request)
         settings = self._settings(editor, lr, max_steps, layers, max_drop)
-        ws.use_model(model)
         report = ws.apply_batch(model, settings, lambda fraction, stage: progress(fraction, desc=stage))
         return (*self._report_outputs(ws, report), self._batch_text(ws.batch))
 
-    def _export_path(self, request, name: str) -> Path:
-        folder = self.export_dir / _session_key(request)[:32]
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder / name
+    def _export_path(self, stem: str, suffix: str) -> Path:
+        """A new file in the app's own export folder. Its name is generated here, never built from a client
+        value (the session hash is chosen by the client: '../..' or an absolute path must not pick a folder)."""
+        safe_stem = re.sub(r"[^A-Za-z0-9_.-]", "_", stem)  # model names come from the operator's --checkpoint
+        # Every export is a new file, so the folder keeps only the newest MAX_EXPORT_FILES (disk stays bounded).
+        with self._export_lock:  # two handlers pruning at once would stat each other's deleted files
+            files = sorted(self.export_dir.iterdir(), key=lambda f: f.stat().st_mtime_ns)
+            for old in files[: max(0, len(files) - MAX_EXPORT_FILES + 2)]:  # + 2: a weights export writes two files
+                old.unlink()
+        return self.export_dir / f"{safe_stem}-{secrets.token_hex(8)}{suffix}"
 
     @user_errors
     def export_weights(self, request: gr.Request):
         ws = self.workspace(request)
         session = ws.session(ws.model)
-        path = session.export_weights(self._export_path(request, f"editlab-{ws.model}-{len(session.history)}edits.safetensors"))
+        path = session.export_weights(self._export_path(f"editlab-{ws.model}-{len(session.history)}edits", ".safetensors"))
         return gr.update(value=[str(path), str(path.with_suffix(".json"))], visible=True)
 
     @user_errors
     def export_log(self, request: gr.Request):
         ws = self.workspace(request)
-        path = self._export_path(request, f"editlab-{ws.model}-edit-log.json")
+        path = self._export_path(f"editlab-{ws.model}-edit-log", ".json")
         path.write_text(json.dumps(ws.session(ws.model).log(), indent=1) + "\n")
         return gr.update(value=[str(path)], visible=True)
 
@@ -301,15 +322,30 @@ class Handlers:
             raise SettingsError(f"the edit log is larger than {MAX_LOG_UPLOAD_BYTES // 1_000_000} MB")
         log = read_log(Path(path).read_bytes())
         model = log.get("model") if isinstance(log, dict) and log.get("model") in self.lab.models else ws.model
-        reports = ws.session(model).replay(log)
-        ws.use_model(model)
-        recorded = [e.get("heldout_accuracy_after") for e in log.get("edits", [])]
-        replayed = [r.heldout_accuracy_after for r in reports]
-        same = "reproduced exactly" if recorded == replayed else "NOT identical to the recorded accuracies"
-        message = (f"Replayed {len(reports)} edit(s) on the {model} model: held-out accuracy after each "
-                   f"{[round(100 * a, 2) for a in replayed]} — {same}.")
-        return (gr.update(value=model), *self._state_outputs(ws, message, {"replayed": len(reports),
-                                                                          "reproduced": recorded == replayed}))
+        reports = ws.replay(model, log)
+        return (gr.update(value=model), *self._state_outputs(ws, *replay_summary(log, reports, self.lab.models[model])))
+
+
+def replay_summary(log: dict, reports, shared) -> tuple[str, dict]:
+    """What a replay reproduced, in words and as the report's fields. 'Reproduced exactly' needs the same
+    weights (the log's checkpoint sha256), every edit kept, and every recorded accuracy met exactly."""
+    kept = [r for r in reports if r.applied]
+    dropped = [number for number, r in enumerate(reports, 1) if not r.applied]
+    recorded = [e.get("heldout_accuracy_after") for e in log["edits"]]
+    replayed = [r.heldout_accuracy_after for r in reports]
+    logged_sha = str(log["checkpoint"].get("sha256"))
+    same_weights = logged_sha == shared.sha256
+    reproduced = same_weights and not dropped and recorded == replayed
+    parts = [f"Replayed the log's {len(reports)} edit(s) on the {shared.name} model: **{len(kept)} kept**"]
+    if dropped:
+        parts.append(f", edit(s) {', '.join(map(str, dropped))} did not succeed again and were rolled back")
+    parts.append(f". Held-out accuracy after each: {[round(100 * a, 2) for a in replayed]} — "
+                 f"{'reproduced exactly' if reproduced else 'NOT identical to the log'}.")
+    if not same_weights:
+        parts.append(f" **The log was recorded on different weights** (checkpoint sha256 {logged_sha[:12]}… in the "
+                     f"log, {shared.sha256[:12]}… here), so the replay cannot reproduce it.")
+    return "".join(parts), {"replayed": len(reports), "kept": len(kept), "same_weights": same_weights,
+                            "reproduced": reproduced}
 
 
 def build_demo(lab: Lab) -> gr.Blocks:
@@ -343,13 +379,14 @@ def build_demo(lab: Lab) -> gr.Blocks:
                     max_confidence = gr.Slider(0, 1, value=1, step=0.05, label="to")
                 browse_gallery = gr.Gallery(label="Click an image to inspect it · caption: true label → model's prediction",
                                             elem_id="browse-gallery", columns=6, height=560, allow_preview=False,
-                                            object_fit="contain", interactive=False)
+                                            format=render.THUMB_FORMAT, object_fit="contain", interactive=False)
                 with gr.Row():
                     prev_page = gr.Button("← Previous page", size="sm")
                     page_info = gr.Markdown(elem_id="page-info")
                     next_page = gr.Button("Next page →", size="sm")
                 with gr.Row(equal_height=False):
-                    jump_index = gr.Number(label="Image index", precision=0, value=0, elem_id="jump-index",
+                    # No precision: Gradio would round 2.5 to 2 before select_image could refuse it.
+                    jump_index = gr.Number(label="Image index", value=0, step=1, elem_id="jump-index",
                                            min_width=100, scale=1)
                     with gr.Column(scale=2):
                         jump = gr.Button("Open image by index", size="sm")
@@ -361,6 +398,7 @@ def build_demo(lab: Lab) -> gr.Blocks:
                 gr.Markdown("### 2 · Inspect and edit")
                 with gr.Row():
                     selected = gr.Image(label="Selected image", interactive=False, height=256, width=256,
+                                        format=render.THUMB_FORMAT,
                                         elem_id="selected-image", buttons=[])
                     with gr.Column():
                         info = gr.Markdown(elem_id="selected-info")
@@ -386,15 +424,16 @@ def build_demo(lab: Lab) -> gr.Blocks:
         gr.Markdown("### 3 · Effect of the edit")
         status = gr.Markdown(elem_id="status")
         with gr.Row(equal_height=False):
-            plot = gr.Plot(label="Held-out accuracy after each edit", elem_id="accuracy-plot", scale=2)
+            plot = gr.Plot(label="Held-out accuracy after each edit", elem_id="accuracy-plot", scale=2,
+                           format=PLOT_FORMAT)
             views = gr.HTML(elem_id="views", padding=True, scale=3)
         with gr.Row():
             fixed_gallery = gr.Gallery(label="Flip set: held-out images this edit fixed (prediction before → after)",
                                        elem_id="fixed-gallery", columns=8, height=260, allow_preview=False,
-                                       interactive=False)
+                                       format=render.THUMB_FORMAT, interactive=False)
             broken_gallery = gr.Gallery(label="Flip set: held-out images this edit broke (prediction before → after)",
                                         elem_id="broken-gallery", columns=8, height=260, allow_preview=False,
-                                        interactive=False)
+                                        format=render.THUMB_FORMAT, interactive=False)
         with gr.Accordion("Report (JSON, as returned by the /apply_edit API)", open=False):
             report = gr.JSON(elem_id="report")
 
@@ -472,6 +511,9 @@ def launch(lab: Lab, host: str = "127.0.0.1", port: int = 7860, block: bool = Tr
     With block=False it returns (demo, url) at once; close with demo.close()."""
     demo = build_demo(lab)
     demo.queue(default_concurrency_limit=4)
+    # Gradio keeps every session's component values (plots, galleries, HTML) for up to 10,000 sessions
+    # by default, closed ones included; keep as many as the lab keeps workspaces, twice over.
     demo.launch(server_name=host, server_port=port, share=False, ssr_mode=False, css=render.CSS,
-                footer_links=["api"], max_file_size="25mb", prevent_thread_lock=not block, quiet=quiet)
+                footer_links=["api"], max_file_size="25mb", prevent_thread_lock=not block, quiet=quiet,
+                state_session_capacity=2 * lab.registry.max_workspaces)
     return demo, f"http://{host}:{port}/"

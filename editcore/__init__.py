@@ -16,6 +16,6 @@ from .session import (DEFAULT_EDITOR, EditEntry, EditReport, EditSession, EditSe
                       read_log, view_names)
 from .compare import MethodOutcome, compare_fixes
 from .workspace import (SORTS, SOURCE_NAE, SOURCE_TEST, SOURCE_UPLOADS, BrowseItem, BrowsePage, BrowseQuery, ImageError, Lab,
-                        Workspace, decode_image)
+                        Workspace, decode_image, limit_allocator_retention)
 
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -72,17 +72,26 @@ def read_card(path: str | Path) -> dict:
         raise ValueError(f"{path} is not a safetensors checkpoint: {exc}") from exc
     if "card" not in metadata:
         raise ValueError(f"{path} has no model card in its header")
-    return json.loads(metadata["card"])
+    try:
+        card = json.loads(metadata["card"])
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} has a damaged model card: {exc}") from None
+    if not isinstance(card, dict) or "arch" not in card:
+        raise ValueError(f"{path} has a damaged model card: expected an object with an \"arch\"")
+    return card
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Checkpoint:
     card = read_card(path)
-    tensors = load_file(str(path), device=str(device))
     model = create_model(card["arch"]).to(device)
-    model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(EDITOR_KEY)})
-    model.eval()
-    editor = None
-    if "editor" in card:
-        state = {k[len(EDITOR_KEY):]: v for k, v in tensors.items() if k.startswith(EDITOR_KEY)}
-        editor = editor_from_state(card["editor"]["name"], state).to(device)
-    return Checkpoint(model, editor, card)
+    try:
+        tensors = load_file(str(path), device=str(device))
+        model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(EDITOR_KEY)})
+        editor = None
+        if "editor" in card:
+            state = {k[len(EDITOR_KEY):]: v for k, v in tensors.items() if k.startswith(EDITOR_KEY)}
+            editor = editor_from_state(card["editor"]["name"], state).to(device)
+    except Exception as exc:  # noqa: BLE001 - safetensors, torch and the editor raise many types; all mean "damaged"
+        raise ValueError(f"{path} is not a usable {card['arch']} checkpoint: {type(exc).__name__}: "
+                         f"{str(exc).strip().splitlines()[0]}") from None
+    return Checkpoint(model.eval(), editor, card)

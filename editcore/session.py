@@ -41,6 +41,8 @@ MAX_STEPS_LIMIT = 500
 MAX_LR = 10.0
 MAX_EDITS_PER_SESSION = 200  # each applied edit keeps one parameter dict and one set of probabilities
 MAX_LOG_BYTES = 20_000_000
+ROW_BYTES = 36  # a held-out row in a flip list: an 8-byte pointer and a 28-byte int
+PIXELS_BYTES = 4096  # an edited 3x32x32 image in base64
 
 
 class SettingsError(ValueError):
@@ -65,6 +67,24 @@ def _number(value, name: str) -> float:
     if not math.isfinite(number):
         raise SettingsError(f"{name} must be a finite number, got {value!r}")
     return number
+
+
+def whole_number(value, name: str) -> int:
+    """`value` as an int if it is a finite whole number (2.0 yes, 2.5 / 'abc' / NaN no); else SettingsError."""
+    number = _number(value, name)
+    if number != int(number):
+        raise SettingsError(f"{name} must be a whole number, got {value!r}")
+    return int(number)
+
+
+def _tensor_bytes(tensors) -> int:
+    return sum(t.nbytes for t in tensors)
+
+
+def _all_finite(result) -> bool:
+    """False when an edit's loss or parameters went NaN / infinite (then it must not be kept)."""
+    return all(math.isfinite(loss) for loss in result.losses) and \
+        all(bool(torch.isfinite(p).all()) for p in result.params.values())
 
 
 @dataclass(frozen=True)
@@ -342,6 +362,19 @@ class EditSession:
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         return self.shared.probabilities(images, self.params)
 
+    def state_bytes(self) -> int:
+        """Memory this session's edits hold: each keeps its edited parameters, held-out probabilities, flip
+        rows (Python ints) and the edited images' pixels (base64)."""
+        return sum(_tensor_bytes(state.params.values()) + state.heldout_probs.nbytes for state in self._stack) + \
+            sum(ROW_BYTES * (len(e.fixed_rows) + len(e.broken_rows)) + sum(map(len, e.pixels)) for e in self.history)
+
+    def edit_bytes(self, layers: str, n_images: int = 1) -> int:
+        """The most that one more edit of `layers` on `n_images` images adds to `state_bytes` (every held-out
+        image a flip at worst)."""
+        probs = self.shared.base_heldout_probs
+        return _tensor_bytes(self.shared.editable(layers).frozen_base_params().values()) + probs.nbytes + \
+            ROW_BYTES * len(probs) + n_images * PIXELS_BYTES
+
     def source_probabilities(self, key: str, images: torch.Tensor) -> torch.Tensor:
         """Probabilities of a fixed image set under the current edits (cached per state)."""
         if not self._stack:
@@ -399,7 +432,10 @@ class EditSession:
         broken = torch.nonzero(changed & (before == labels)).view(-1).tolist()
         acc_before, acc_after = self.heldout_accuracy(), self.heldout_accuracy(probs_after)
         drop = 100 * (acc_before - acc_after)
-        if not result.success:
+        if not _all_finite(result):
+            applied, message = False, ("The edit's loss became NaN or infinite (the learning rate is probably too "
+                                       "large); rolled back.")
+        elif not result.success:
             applied, message = False, (f"The edit did not reach the target within {settings.max_steps} steps; "
                                        "rolled back (try more steps or a larger learning rate).")
         elif settings.max_drop is not None and drop > settings.max_drop:
@@ -454,7 +490,7 @@ class EditSession:
         """The edited model as a checkpoint (safetensors + card) that `load_checkpoint` reads."""
         model = copy.deepcopy(self.shared.model).cpu()
         model.load_state_dict({k: v.cpu() for k, v in self.shared.edited_state_dict(self.params).items()})
-        card = {**self.shared.card, "edited_from": {"checkpoint": str(self.shared.path), "sha256": self.shared.sha256},
+        card = {**self.shared.card, "edited_from": {"checkpoint": self.shared.path.name, "sha256": self.shared.sha256},
                 "edits": [entry.summary() for entry in self.history]}
         card.pop("editor", None)  # save_checkpoint re-adds it from the editor it is given
         editor = copy.deepcopy(self.shared.learned_editor).cpu() if self.shared.learned_editor is not None else None
@@ -466,7 +502,7 @@ class EditSession:
             "format": LOG_FORMAT,
             "version": LOG_VERSION,
             "model": self.shared.name,
-            "checkpoint": {"path": str(self.shared.path), "sha256": self.shared.sha256, "arch": self.shared.card["arch"]},
+            "checkpoint": {"path": self.shared.path.name, "sha256": self.shared.sha256, "arch": self.shared.card["arch"]},
             "heldout": {"source": self.shared.heldout.source, "n": len(self.shared.heldout)},
             "layers": self.layers,
             "edits": [{**entry.summary(), "refs": [asdict(r) for r in entry.refs], "target_indices": entry.targets,
@@ -474,13 +510,15 @@ class EditSession:
         }
 
     def replay(self, log: dict) -> list[EditReport]:
-        """Reset, then apply every edit of `log` (from `log()`) with its recorded settings.
-        Raises SettingsError (state untouched) if the log is malformed or for another model."""
+        """Replace this session's edits by those of `log` (from `log()`), each applied with its recorded
+        settings; one report per edit of the log (an edit that cannot succeed again is rolled back).
+        All or nothing: the whole log is validated first and replayed on a scratch session, so a refused
+        log (SettingsError) or a failure midway leaves this session exactly as it was."""
         edits = parse_log(log, self.shared)
-        self.reset()
-        reports = []
-        for item in edits:
-            reports.append(self.apply(item["images"], item["targets"], item["settings"], item["refs"]))
+        scratch = EditSession(self.shared)
+        reports = [scratch.apply(item["images"], item["targets"], item["settings"], item["refs"]) for item in edits]
+        self.layers, self.history, self._stack = scratch.layers, scratch.history, scratch._stack
+        self._source_cache = {}
         return reports
 
 
@@ -490,21 +528,36 @@ def parse_log(log: dict, shared: SharedModel) -> list[dict]:
         raise SettingsError(f"not an EditLab edit log (expected \"format\": \"{LOG_FORMAT}\")")
     if log.get("version") != LOG_VERSION:
         raise SettingsError(f"edit log version {log.get('version')!r} is not supported (this app reads {LOG_VERSION})")
-    arch = (log.get("checkpoint") or {}).get("arch")
+    if not isinstance(log.get("checkpoint"), dict):
+        raise SettingsError("malformed edit log: \"checkpoint\" must be an object")
+    arch = log["checkpoint"].get("arch")
     if arch != shared.card["arch"]:
         raise SettingsError(f"the log edits a {arch} model but {shared.name} is a {shared.card['arch']}")
+    if not isinstance(log.get("edits"), list):
+        raise SettingsError("malformed edit log: \"edits\" must be a list")
+    if len(log["edits"]) > MAX_EDITS_PER_SESSION:
+        raise SettingsError(f"the edit log has {len(log['edits'])} edits; a session keeps at most {MAX_EDITS_PER_SESSION}")
     edits = []
-    try:
-        for item in log["edits"]:
+    for number, item in enumerate(log["edits"], 1):
+        try:
             settings = EditSettings(**item["settings"]).resolved(shared)
-            refs = [ImageRef(str(r["source"]), int(r["index"])) for r in item["refs"]]
+            refs = [ImageRef(str(r["source"]), whole_number(r["index"], "index")) for r in item["refs"]]
             images = torch.stack([decode_pixels(p) for p in item["pixels"]])
-            targets = [int(t) for t in item["target_indices"]]
-            edits.append({"images": images, "targets": targets, "settings": settings, "refs": refs})
-    except SettingsError:
-        raise
-    except (KeyError, TypeError, ValueError) as exc:
-        raise SettingsError(f"malformed edit log: {exc!r}") from None
+            targets = [whole_number(t, "target") for t in item["target_indices"]]
+        except SettingsError as exc:
+            raise SettingsError(f"edit {number} of the log: {exc}") from None
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise SettingsError(f"malformed edit log, edit {number}: {exc!r}") from None
+        if not len(images) == len(targets) == len(refs):
+            raise SettingsError(f"edit {number} of the log has {len(images)} image(s), {len(targets)} target(s) and "
+                                f"{len(refs)} reference(s); they must match")
+        if not all(0 <= t < len(CLASSES) for t in targets):
+            raise SettingsError(f"edit {number} of the log: targets must be class indices 0-{len(CLASSES) - 1}, "
+                                f"got {targets}")
+        if edits and settings.layers != edits[0]["settings"].layers:
+            raise SettingsError(f"edit {number} of the log changes {settings.layers} but edit 1 changes "
+                                f"{edits[0]['settings'].layers}; a session edits one set of layers")
+        edits.append({"images": images, "targets": targets, "settings": settings, "refs": refs})
     return edits
 
 
@@ -516,6 +569,8 @@ def read_log(data: bytes | str) -> dict:
         return json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SettingsError(f"the edit log is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise SettingsError("the edit log is nested too deeply to be an EditLab edit log") from None
 
 
 def view_names() -> list[str]:

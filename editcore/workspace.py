@@ -2,11 +2,13 @@
 
 `Lab` is loaded once per process: the shared models, the held-out set and the fixed browse sources.
 A `Workspace` is one user's corner of it: their uploads, selection, batch list, browse page and one
-`EditSession` per model; `WorkspaceRegistry` hands each browser session its own workspace and drops
-idle ones, so per-user memory is bounded.
+`EditSession` per model; `WorkspaceRegistry` hands each browser session its own workspace and bounds
+how many there are and how much memory their edits hold.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import math
 import threading
 import time
@@ -20,7 +22,8 @@ from PIL import Image, ImageOps
 from .data import CLASSES, ImageSet, load_cifar10, load_sample, load_train_sample, resolve_data_root
 from .device import pick_device
 from .nae import load_nae
-from .session import EditReport, EditSession, EditSettings, ImageRef, SettingsError, SharedModel
+from .session import (EditReport, EditSession, EditSettings, ImageRef, SettingsError, SharedModel, parse_log,
+                      whole_number)
 
 SOURCE_TEST, SOURCE_NAE, SOURCE_UPLOADS = "test", "nae", "uploads"
 SORTS = ("index", "confidence-asc", "confidence-desc", "loss-desc")
@@ -28,6 +31,12 @@ MAX_UPLOAD_PIXELS = 40_000_000
 MAX_UPLOADS = 200
 MAX_BATCH = 32
 IMAGE_SIZE = 32
+# Session policy (WorkspaceRegistry; README "Sessions and memory").
+MAX_WORKSPACES = 64
+KEEP_SECONDS = 10 * 60  # a workspace used this recently is never dropped to make room
+IDLE_SECONDS = 3 * 3600  # one idle this long is dropped when the next newcomer arrives
+MAX_EDIT_BYTES = 1 << 30  # all workspaces' edits together (parameter dicts + held-out probabilities)
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # PIL's modes for 16-bit grey (PNG, TIFF)
 
 
 class ImageError(ValueError):
@@ -45,6 +54,8 @@ def decode_image(path: str | Path) -> torch.Tensor:
                 raise ImageError(f"{path.name} is {width}x{height} pixels; the limit is {MAX_UPLOAD_PIXELS // 1_000_000} megapixels")
             image.draft("RGB", (4 * IMAGE_SIZE, 4 * IMAGE_SIZE))  # JPEG: decode at a reduced scale, much faster
             image = ImageOps.exif_transpose(image)
+            if image.mode in SIXTEEN_BIT_MODES:  # convert("RGB") would clip at 255: almost white
+                image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
             if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
                 image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image.convert("RGBA"))
             image = image.convert("RGB")
@@ -56,7 +67,8 @@ def decode_image(path: str | Path) -> torch.Tensor:
     except ImageError:
         raise
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for damaged files; all mean "unreadable"
-        raise ImageError(f"{path.name} is not a readable image ({type(exc).__name__}: {exc})") from None
+        reason = str(exc).replace(str(path), path.name)  # PIL names the server's (temporary) path
+        raise ImageError(f"{path.name} is not a readable image ({type(exc).__name__}: {reason})") from None
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous()
 
 
@@ -158,8 +170,8 @@ class BrowsePage:
 class Workspace:
     """One user's state. Methods that change it hold `lock`, so one user's clicks never interleave."""
 
-    def __init__(self, lab: Lab):
-        self.lab = lab
+    def __init__(self, lab: Lab, registry: "WorkspaceRegistry"):
+        self.lab, self.registry = lab, registry  # the registry that holds it keeps the memory budget
         self.lock = threading.RLock()
         self.sessions: dict[str, EditSession] = {}
         self.model = "editable" if "editable" in lab.models else next(iter(lab.models))  # the one on screen
@@ -189,7 +201,7 @@ class Workspace:
         if name == SOURCE_UPLOADS:
             n = len(self.uploads)
             return ImageSet(self.uploads, torch.full((n,), -1, dtype=torch.long), torch.arange(n), SOURCE_UPLOADS)
-        if name not in self.lab.sources:
+        if not isinstance(name, str) or name not in self.lab.sources:
             raise SettingsError(f"source must be one of {', '.join(self.lab.source_names())}, got {name!r}")
         return self.lab.sources[name]
 
@@ -246,6 +258,8 @@ class Workspace:
             return BrowsePage(items, len(rows), page, n_pages)
 
     def select(self, ref: ImageRef) -> tuple[torch.Tensor, int]:
+        """Select an image; its index may come from a client, so anything but a whole number is refused."""
+        ref = ImageRef(ref.source, whole_number(ref.index, "index"))
         with self.lock:
             image, label = self.image(ref)
             self.selection = ref
@@ -284,11 +298,38 @@ class Workspace:
             self.upload_names += [Path(p).name for p in paths]
             return [ImageRef(SOURCE_UPLOADS, start + i) for i in range(len(decoded))]
 
+    def edit_bytes(self) -> int:
+        """Memory the edits of this workspace's sessions hold."""
+        return sum(session.state_bytes() for session in list(self.sessions.values()))
+
+    def _room_for(self, session: EditSession, settings: EditSettings, n_images: int):
+        """Reserve the lab's memory for a new edit of `session` on `n_images` images while it is computed."""
+        layers = settings.resolved(session.shared).layers  # bad settings are refused before anything else
+        return self.registry.edit_room(self, session.edit_bytes(layers, n_images))
+
     def apply(self, model: str, target: int, settings: EditSettings, progress=lambda fraction, stage: None) -> EditReport:
-        """Edit the selected image to `target` in this user's session of `model`."""
+        """Edit the selected image to `target` in this user's session of `model`, which is then the model on
+        screen. A refused edit (SettingsError) changes nothing, not even the model on screen."""
         with self.lock:
             ref, image, _ = self.selected()
-            return self.session(model).apply(image[None], [target], settings, [ref], progress)
+            session = self.session(model)
+            with self._room_for(session, settings, 1):
+                report = session.apply(image[None], [target], settings, [ref], progress)
+            self.model = model
+            return report
+
+    def replay(self, model: str, log: dict) -> list[EditReport]:
+        """Replace the edits of this user's session of `model` by an edit log's (all or nothing, see
+        `EditSession.replay`); `model` is on screen afterwards unless the log is refused."""
+        with self.lock:
+            session = self.session(model)
+            edits = parse_log(log, session.shared)  # a bad log is refused before memory is reserved for it
+            layers = edits[0]["settings"].layers if edits else session.layers
+            # The replayed edits are reserved in full: the session's old ones are freed only once replaced.
+            with self.registry.edit_room(self, sum(session.edit_bytes(layers, len(e["images"])) for e in edits)):
+                reports = session.replay(log)
+            self.model = model
+            return reports
 
     def add_to_batch(self, target: int) -> list[tuple[ImageRef, int]]:
         with self.lock:
@@ -301,44 +342,124 @@ class Workspace:
             return list(self.batch)
 
     def apply_batch(self, model: str, settings: EditSettings, progress=lambda fraction, stage: None) -> EditReport:
-        """One edit that gives every image of the batch its target; the batch is cleared if applied."""
+        """One edit that gives every image of the batch its target; the batch is cleared if applied. Like
+        `apply`, `model` is on screen afterwards unless the edit is refused."""
         with self.lock:
             if not self.batch:
                 raise SettingsError("the batch is empty: select images and press 'Add to batch'")
             images = torch.stack([self.image(ref)[0] for ref, _ in self.batch])
-            report = self.session(model).apply(images, [t for _, t in self.batch], settings, [r for r, _ in self.batch],
-                                               progress)
+            session = self.session(model)
+            with self._room_for(session, settings, len(images)):
+                report = session.apply(images, [t for _, t in self.batch], settings, [r for r, _ in self.batch], progress)
+            self.model = model
             if report.applied:
                 self.batch = []
             return report
 
 
 class WorkspaceRegistry:
-    """Workspaces by browser-session key; idle ones (and the oldest beyond `max_workspaces`) are dropped."""
+    """Workspaces by browser-session key, bounded in number and in the memory their edits hold.
 
-    def __init__(self, lab: Lab, max_workspaces: int = 64, idle_seconds: float = 3 * 3600):
-        self.lab, self.max_workspaces, self.idle_seconds = lab, max_workspaces, idle_seconds
+    The policy: a workspace used in the last `keep_seconds` is never dropped by the registry (closing its
+    tab drops it). One idle for over `idle_seconds` is dropped when the next newcomer arrives; one idle for
+    less is dropped, least recently used first, only to make room. When no room can be made, the newcomer
+    (or the new edit) is refused with a message saying so: arrival order never drops anyone's recent work.
+    Edits reserve their memory (`edit_room`) before they are computed, so the edits of all workspaces
+    together never hold more than `max_edit_bytes`."""
+
+    def __init__(self, lab: Lab, max_workspaces: int = MAX_WORKSPACES, keep_seconds: float = KEEP_SECONDS,
+                 idle_seconds: float = IDLE_SECONDS, max_edit_bytes: int = MAX_EDIT_BYTES, clock=time.monotonic):
+        self.lab, self.max_workspaces, self.keep_seconds, self.idle_seconds = lab, max_workspaces, keep_seconds, idle_seconds
+        self.max_edit_bytes, self.clock = max_edit_bytes, clock
         self._workspaces: dict[str, Workspace] = {}
+        self._reserved = 0  # bytes reserved by edits being computed
         self._lock = threading.Lock()
 
     def get(self, key: str) -> Workspace:
+        """The workspace of `key` (created on first use); SettingsError when the lab is full."""
         with self._lock:
+            now = self.clock()
             workspace = self._workspaces.get(key)
             if workspace is None:
-                self._evict(time.monotonic())
-                workspace = self._workspaces[key] = Workspace(self.lab)
-            workspace.last_used = time.monotonic()
+                self._drop([k for k, w in self._workspaces.items() if now - w.last_used > self.idle_seconds])
+                if len(self._workspaces) >= self.max_workspaces and not self._drop_least_recent(now):
+                    raise SettingsError(
+                        f"EditLab is full: {len(self._workspaces)} sessions (the limit) were all used in the last "
+                        f"{self.keep_seconds / 60:g} minutes. Please try again in a few minutes.")
+                workspace = self._workspaces[key] = Workspace(self.lab, self)
+            workspace.last_used = now
             return workspace
 
     def drop(self, key: str) -> None:
         with self._lock:
-            self._workspaces.pop(key, None)
+            self._drop([key])
 
     def __len__(self) -> int:
         return len(self._workspaces)
 
-    def _evict(self, now: float) -> None:
-        for key in [k for k, w in self._workspaces.items() if now - w.last_used > self.idle_seconds]:
-            del self._workspaces[key]
-        while len(self._workspaces) >= self.max_workspaces:
-            del self._workspaces[min(self._workspaces, key=lambda k: self._workspaces[k].last_used)]
+    def edit_bytes(self) -> int:
+        """Memory held by the edits of every workspace, plus what edits being computed have reserved."""
+        return self._reserved + sum(w.edit_bytes() for w in list(self._workspaces.values()))
+
+    @contextlib.contextmanager
+    def edit_room(self, workspace: Workspace, n_bytes: int):
+        """Reserve `n_bytes` for new edit states while they are computed, dropping workspaces idle for
+        over `keep_seconds` (least recently used first) when the budget needs it; SettingsError when it
+        cannot be had."""
+        with self._lock:
+            while self.edit_bytes() + n_bytes > self.max_edit_bytes:
+                if not self._drop_least_recent(self.clock(), spare=workspace):
+                    raise SettingsError(
+                        f"The server's memory for edits is full ({self.edit_bytes() / 2**20:.0f} of "
+                        f"{self.max_edit_bytes / 2**20:.0f} MiB, held by sessions used in the last "
+                        f"{self.keep_seconds / 60:g} minutes). Undo or reset edits you no longer need, or try again later.")
+            self._reserved += n_bytes
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._reserved -= n_bytes
+
+    def _drop_least_recent(self, now: float, spare: Workspace | None = None) -> bool:
+        """Drop the least recently used workspace idle for over `keep_seconds`; False when there is none."""
+        idle = [k for k, w in self._workspaces.items() if now - w.last_used > self.keep_seconds and w is not spare]
+        if not idle:
+            return False
+        self._drop([min(idle, key=lambda k: self._workspaces[k].last_used)])
+        return True
+
+    def _drop(self, keys: list[str]) -> None:
+        if any([self._workspaces.pop(key, None) is not None for key in keys]):
+            release_memory()  # their tensors were freed just now
+
+
+def release_memory() -> None:
+    """Hand freed heap memory back to the system. glibc keeps what freed tensors leave in its arenas
+    (per thread) and returns it only on malloc_trim; without it, RSS stays at its peak after sessions
+    leave (docs/RELIABILITY.md). A no-op where glibc is absent."""
+    if _libc is not None:
+        _libc.malloc_trim(0)
+
+
+def limit_allocator_retention() -> None:
+    """Make glibc give freed tensors back at once: large blocks (>= 128 KiB) always mmapped, at most two
+    heap arenas. With its defaults (a threshold that grows up to 32 MiB, eight arenas per core) a server
+    whose handlers run on many threads kept ~450 MB of freed memory after sessions left; with these, RSS
+    returns to within a few percent of where it started (docs/RELIABILITY.md, Memory). Call it at start,
+    before threads allocate; a no-op where glibc is absent."""
+    if _libc is not None:
+        _libc.mallopt(M_ARENA_MAX, 2)
+        _libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+
+
+def _load_libc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018 - glibc only
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_libc = _load_libc()
+M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8  # glibc's mallopt parameters (malloc.h)

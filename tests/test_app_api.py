@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 
+import httpx
 import pytest
 
 from app_support import launch, make_lab
@@ -99,3 +100,17 @@ def test_two_clients_editing_at_once_stay_isolated(served):
     b.predict(api_name="/reset")
     assert topk_of(b.predict("test", 11, api_name="/select_image")[2]) == baseline_b
     assert len(a.predict(api_name="/history")) == 2
+
+
+def test_a_fractional_or_non_numeric_image_index_is_refused(served):
+    from gradio_client.exceptions import AppError
+
+    c = client(served)
+    for index, message in ((2.5, "whole number"), ("abc", "must be a number")):
+        with pytest.raises(AppError, match=message):
+            c.predict("test", index, api_name="/select_image")
+    for raw in ("NaN", "Infinity"):  # JSON extensions a hand-written request can send; gradio_client cannot
+        event = httpx.post(f"{served}gradio_api/call/select_image", content=f'{{"data": ["test", {raw}]}}',
+                           headers={"Content-Type": "application/json"}, timeout=60).json()["event_id"]
+        stream = httpx.get(f"{served}gradio_api/call/select_image/{event}", timeout=120).text
+        assert "event: error" in stream and "must be a finite number" in stream

@@ -108,8 +108,130 @@ def test_export_and_replay_round_trip(handlers):
     assert timeless(handlers.history(other)) == timeless(handlers.history(r))
 
 
+def run_app_py(checkpoint: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "app.py", "--checkpoint", str(checkpoint)], capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).resolve().parent.parent)
+
+
 def test_app_py_stops_with_a_message_when_a_checkpoint_is_missing(tmp_path):
     missing = tmp_path / "none.safetensors"
-    result = subprocess.run([sys.executable, "app.py", "--checkpoint", str(missing)], capture_output=True, text=True,
-                            timeout=300, cwd=Path(__file__).resolve().parent.parent)
+    result = run_app_py(missing)
     assert result.returncode == 2 and f"checkpoint {missing} does not exist" in result.stderr
+
+
+def _truncated(path: Path, tmp_path: Path) -> Path:
+    damaged = tmp_path / "truncated.safetensors"
+    damaged.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return damaged
+
+
+def _foreign_tensors(path: Path, tmp_path: Path) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    damaged = tmp_path / "foreign.safetensors"
+    save_file({"x": torch.zeros(3)}, str(damaged), metadata={"card": json.dumps({"arch": "resnet20"})})
+    return damaged
+
+
+def _broken_card(path: Path, tmp_path: Path) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    damaged = tmp_path / "card.safetensors"
+    save_file(load_file(str(path)), str(damaged), metadata={"card": '["not", "a card"]'})
+    return damaged
+
+
+@pytest.mark.parametrize("damage, message", [(_truncated, "is not a safetensors checkpoint"),
+                                             (_foreign_tensors, "is not a usable resnet20 checkpoint"),
+                                             (_broken_card, "has a damaged model card")])
+def test_app_py_stops_with_a_message_when_a_checkpoint_is_damaged(handlers, tmp_path, damage, message):
+    damaged = damage(handlers.lab.models["baseline"].path, tmp_path)
+    result = run_app_py(damaged)
+    assert result.returncode == 2 and f"error: {damaged} {message}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("hostile", ["absolute", "dotdot"])
+def test_exports_stay_in_the_apps_folder_whatever_the_session_id(handlers, tmp_path, hostile):
+    target = tmp_path / "elsewhere"
+    session_id = str(target) if hostile == "absolute" else "../../../../../../../.." + str(target)
+    r = request(session_id)
+    handlers.on_load(r)
+    written = [*handlers.export_log(r)["value"], *handlers.export_weights(r)["value"]]
+    assert not target.exists()
+    assert all(Path(path).parent == handlers.export_dir for path in written)
+    assert len(set(written)) == 3 and all(Path(path).is_file() for path in written)
+
+
+def test_a_refused_edit_keeps_the_session_on_its_model(handlers):
+    r = request("refused-model")
+    handlers.on_load(r)
+    handlers.select_image("test", 0, r)
+    handlers.apply_edit("cat", "editable", "rmsprop", None, 30, "layer3", 0, r)
+    with pytest.raises(gr.Error, match="learning rate"):
+        handlers.apply_edit("dog", "baseline", "rmsprop", -1, 10, "layer3", 0, r)
+    assert [h["targets"] for h in handlers.history(r)] == [["cat"]]
+    assert handlers.undo(r)[0]["model"] == "editable"
+
+
+@pytest.mark.parametrize("index, message", [("abc", "index must be a number"), (float("nan"), "finite"),
+                                            (float("inf"), "finite"), (2.5, "whole number"), ([1], "must be a number")])
+def test_a_bad_image_index_is_a_clear_message(handlers, index, message):
+    r = request("bad-index")
+    with pytest.raises(gr.Error, match=message):
+        handlers.select_image("test", index, r)
+
+
+def edited_log(handlers, r, tmp_path, change) -> str:
+    """Two edits in session `r`, its exported log changed by `change(log)`, written to a file."""
+    handlers.on_load(r)
+    for index in (0, 1):
+        topk = handlers.select_image("test", index, r)[2]
+        runner_up = sorted(topk, key=topk.get)[-2]  # a target the model does not predict yet
+        assert handlers.apply_edit(runner_up, "editable", "rmsprop", None, 50, "layer3", 0, r)[0]["applied"]
+    log = json.loads(Path(handlers.export_log(r)["value"][0]).read_text())
+    change(log)
+    path = tmp_path / "log.json"
+    path.write_text(json.dumps(log))
+    return str(path)
+
+
+def test_a_replay_on_other_weights_says_so(handlers, tmp_path):
+    path = edited_log(handlers, request("sha-a"), tmp_path, lambda log: log["checkpoint"].update(sha256="0" * 64))
+    outputs = handlers.replay_log(path, request("sha-b"))
+    assert outputs[1]["same_weights"] is False and outputs[1]["reproduced"] is False
+    assert "recorded on different weights" in outputs[2] and "reproduced exactly" not in outputs[2]
+
+
+def test_a_replay_counts_only_the_edits_it_kept(handlers, tmp_path):
+    def hopeless_second_edit(log):
+        log["edits"][1]["settings"].update(lr=1e-9, max_steps=1)
+
+    path = edited_log(handlers, request("kept-a"), tmp_path, hopeless_second_edit)
+    outputs = handlers.replay_log(path, request("kept-b"))
+    assert (outputs[1]["replayed"], outputs[1]["kept"], outputs[1]["reproduced"]) == (2, 1, False)
+    assert "**1 kept**" in outputs[2] and "edit(s) 2 did not succeed again" in outputs[2]
+    assert len(handlers.history(request("kept-b"))) == 1
+
+
+def test_exported_logs_and_cards_name_the_checkpoint_without_its_server_path(handlers):
+    r = request("no-paths")
+    handlers.on_load(r)
+    log = json.loads(Path(handlers.export_log(r)["value"][0]).read_text())
+    shared = handlers.lab.models[log["model"]]
+    assert log["checkpoint"]["path"] == shared.path.name and log["checkpoint"]["sha256"] == shared.sha256
+    weights, _ = handlers.export_weights(r)["value"]
+    assert load_checkpoint(weights).card["edited_from"] == {"checkpoint": shared.path.name, "sha256": shared.sha256}
+
+
+def test_the_export_folder_keeps_only_the_newest_files(handlers, monkeypatch):
+    import app.ui
+
+    monkeypatch.setattr(app.ui, "MAX_EXPORT_FILES", 4)
+    r = request("many-exports")
+    handlers.on_load(r)
+    logs = [handlers.export_log(r)["value"][0] for _ in range(6)]
+    weights = handlers.export_weights(r)["value"]
+    kept = set(map(str, handlers.export_dir.iterdir()))
+    assert len(kept) <= 4 and set(weights) <= kept and logs[-1] in kept and logs[0] not in kept

@@ -29,8 +29,10 @@ _keys = iter(range(10**6))
 
 @pytest.fixture
 def ws(lab):
-    """A fresh workspace (its own edits) on the shared lab."""
-    return lab.registry.get(f"test-{next(_keys)}")
+    """A fresh workspace (its own edits) on the shared lab, dropped after the test."""
+    key = f"test-{next(_keys)}"
+    yield lab.registry.get(key)
+    lab.registry.drop(key)
 
 
 def first_misclassified(ws, model="baseline"):
@@ -258,15 +260,65 @@ def test_workspaces_are_isolated_and_dropped(lab):
     assert lab.registry.get("iso-a") is not a and lab.registry.get("iso-a").sessions == {}
 
 
-def test_registry_evicts_the_oldest_beyond_its_cap(lab):
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def registry_with_clock(lab, **limits):
     from editcore.workspace import WorkspaceRegistry
 
-    registry = WorkspaceRegistry(lab, max_workspaces=2)
-    first = registry.get("1")
-    registry.get("2")
-    registry.get("1")  # touching it makes "2" the oldest
-    registry.get("3")
-    assert len(registry) == 2 and registry.get("1") is first
+    clock = Clock()
+    return WorkspaceRegistry(lab, keep_seconds=600, idle_seconds=3600, clock=clock, **limits), clock
+
+
+def test_a_full_registry_refuses_newcomers_and_never_drops_recent_work(lab):
+    registry, clock = registry_with_clock(lab, max_workspaces=2)
+    victim = registry.get("victim")
+    item = first_misclassified(victim)
+    assert victim.apply("baseline", item.label, EditSettings(lr=1e-3, max_steps=30)).applied
+    registry.get("other")
+    for attacker in range(5):
+        clock.now += 30
+        with pytest.raises(SettingsError, match="EditLab is full: 2 sessions"):
+            registry.get(f"attacker-{attacker}")
+    assert registry.get("victim") is victim and len(victim.session("baseline").history) == 1
+
+
+def test_a_full_registry_makes_room_by_dropping_the_least_recently_used_idle_session(lab):
+    registry, clock = registry_with_clock(lab, max_workspaces=2)
+    first, second = registry.get("first"), registry.get("second")
+    clock.now = 200
+    registry.get("first")  # "second" is now the least recently used
+    clock.now = 700  # both idle, "second" for over 10 minutes
+    newcomer = registry.get("newcomer")
+    assert registry.get("first") is first and registry.get("newcomer") is newcomer and len(registry) == 2
+    clock.now = 700 + 3601  # idle for over an hour: dropped at the next arrival even with room to spare
+    registry.drop("newcomer")
+    registry.get("late")
+    assert len(registry) == 1
+
+
+def test_edits_share_a_memory_budget_that_refuses_rather_than_drops_recent_work(lab):
+    probe = lab.registry.get("budget-probe")
+    one_edit = probe.session("baseline").edit_bytes("layer3")
+    registry, clock = registry_with_clock(lab, max_edit_bytes=int(2.5 * one_edit))
+    a, b = registry.get("a"), registry.get("b")
+    settings = EditSettings(lr=1e-3, max_steps=30)
+    item = first_misclassified(a)
+    b.select(item.ref)
+    assert a.apply("baseline", item.label, settings).applied
+    assert a.apply("baseline", item.label, settings).steps == 0  # kept: its state is held too
+    assert 0 < registry.edit_bytes() == a.edit_bytes() <= 2 * one_edit  # reserved at the most, held at most that
+    with pytest.raises(SettingsError, match="memory for edits is full"):
+        b.apply("baseline", item.label, settings)
+    assert b.session("baseline").history == [] and len(a.session("baseline").history) == 2
+    clock.now = 601  # "a" idle for over 10 minutes: dropped to make room
+    assert b.apply("baseline", item.label, settings).applied
+    assert len(registry) == 1 and 0 < registry.edit_bytes() == b.edit_bytes() <= one_edit
 
 
 def test_compare_runs_every_method_from_the_unedited_models(ws, lab):
@@ -338,3 +390,110 @@ def test_a_missing_checkpoint_is_a_note_and_an_nae_set_a_source(lab, tmp_path):
     assert any("gone.safetensors" in note and "missing" in note for note in partial.notes)
     with pytest.raises(FileNotFoundError, match="gone.safetensors"):
         Lab.load([("editable", tmp_path / "gone.safetensors")], log=lambda *_: None)
+
+
+def two_edits(ws, model="editable"):
+    """Two applied edits of `model` in `ws`; returns its session."""
+    page = ws.browse(model, BrowseQuery(misclassified=True, page_size=3))
+    for item in page.items[:2]:
+        ws.select(item.ref)
+        assert ws.apply(model, item.label, EditSettings(max_steps=30)).applied
+    return ws.session(model)
+
+
+def same_state(session, history, params) -> bool:
+    return session.history == history and session.params.keys() == params.keys() and \
+        all(torch.equal(params[k], session.params[k]) for k in params)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda log: log["edits"][1].update(target_indices=[99]), "edit 2 of the log: targets must be class indices"),
+    (lambda log: log["edits"][1]["settings"].update(layers="layer2"), "edit 2 of the log changes layer2"),
+    (lambda log: log["edits"][1]["settings"].update(layers="stem"), "edit 2 of the log: editable layers"),
+    (lambda log: log["edits"][1]["refs"].append({"source": "test", "index": 1}), "must match"),
+    (lambda log: log.update(checkpoint=[]), "checkpoint"),
+    (lambda log: log.update(edits={"not": "a list"}), "must be a list"),
+])
+def test_a_log_refused_anywhere_leaves_the_session_as_it_was(ws, mutate, message):
+    session = two_edits(ws)
+    history, params = list(session.history), dict(session.params)
+    log = json.loads(json.dumps(session.log()))
+    mutate(log)
+    with pytest.raises(SettingsError, match=message):
+        session.replay(log)
+    assert same_state(session, history, params)
+
+
+def test_a_replay_that_fails_midway_leaves_the_session_as_it_was(ws, monkeypatch):
+    from editcore.session import EditSession
+
+    session = two_edits(ws)
+    history, params = list(session.history), dict(session.params)
+    log = session.log()
+    calls, real_apply = [], EditSession.apply
+
+    def apply_then_fail(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("the server went away")
+        return real_apply(self, *args, **kwargs)
+
+    monkeypatch.setattr(EditSession, "apply", apply_then_fail)
+    with pytest.raises(RuntimeError):
+        session.replay(log)
+    assert len(calls) == 2 and same_state(session, history, params)
+
+
+def test_a_refused_edit_does_not_switch_the_model_on_screen(ws):
+    session = two_edits(ws)
+    with pytest.raises(SettingsError, match="learning rate"):
+        ws.apply("baseline", 3, EditSettings(lr=-1, max_steps=10, layers="layer3"))
+    assert ws.model == "editable" and len(ws.session(ws.model).history) == 2 and session is ws.session(ws.model)
+
+
+def test_an_edit_cut_off_midway_leaves_no_trace(ws):
+    """A client that disconnects mid-edit: Gradio stops the event where it reports progress."""
+    session = two_edits(ws)
+    history, params = list(session.history), dict(session.params)
+
+    def disconnect(fraction, stage):
+        if fraction > 0.5:
+            raise ConnectionError("client went away")
+
+    with pytest.raises(ConnectionError):
+        ws.apply("editable", 3, EditSettings(max_steps=30), progress=disconnect)
+    assert same_state(session, history, params) and session.heldout_probs is session._top.heldout_probs
+
+
+def test_an_edit_whose_loss_turns_nan_is_rolled_back_with_a_message(ws, monkeypatch):
+    from editcore import create_editor
+
+    item = first_misclassified(ws)
+    shared = ws.session("baseline").shared
+    monkeypatch.setattr(shared, "make_editor", lambda name, lr: create_editor("gd", lr=1e38))
+    report = ws.apply("baseline", item.label, EditSettings(editor="gd", max_steps=5))
+    assert not report.applied and "NaN or infinite" in report.message
+    assert ws.session("baseline").history == [] and ws.session("baseline").params == {}
+
+
+def test_read_log_refuses_a_deeply_nested_document():
+    with pytest.raises(SettingsError, match="nested too deeply"):
+        read_log("[" * 200_000)
+
+
+def test_a_16_bit_grey_png_keeps_its_tones(tmp_path):
+    gradient = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520, left to right and down
+    path = tmp_path / "gradient16.png"
+    Image.fromarray(gradient).save(path)
+    image = decode_image(path).float()
+    assert image.min() < 10 and image.max() > 245 and 110 < image.mean() < 145  # mid-grey on average, not white
+    assert torch.equal(image[0], image[1]) and torch.equal(image[1], image[2])
+
+
+def test_an_unreadable_upload_names_the_file_not_the_servers_path(tmp_path):
+    path = tmp_path / "server" / "temp" / "holiday.png"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"0" * 100)
+    with pytest.raises(ImageError) as refused:
+        decode_image(path)
+    assert "holiday.png" in str(refused.value) and str(path.parent) not in str(refused.value)
