@@ -7,7 +7,7 @@ the full 10,000 CIFAR-10 test images.
 Each configuration starts `python app.py` in a subprocess on a free port and opens one gradio_client
 session (download_files=False: a client fetches thumbnails only when it shows them). It walks the test
 images with /select_image, and for each one the model gets wrong it applies the page's default edit (the
-true label, the editable model, RMSProp at its default rate, 10 steps) through /apply_edit and times that
+true label, the editable model, every setting left to the page: the local editor) through /apply_edit and times that
 call; /undo (not timed) then restores the unedited model, so every edit starts from the same weights.
 The first edit is a warm-up and is not counted. Prints every figure and writes the "app" section of
 docs/PERFORMANCE.md (other sections are left alone).
@@ -90,7 +90,7 @@ def measure(url: str, n_edits: int, pid: int) -> dict:
         if "misclassified" not in info:
             continue
         started, cpu_started = time.perf_counter(), cpu_seconds(pid)
-        report = client.predict(target, "editable", "rmsprop", None, 10, "layer3", 0, api_name="/apply_edit")[0]
+        report = client.predict(target, "editable", None, None, None, None, 0, api_name="/apply_edit")[0]
         times.append(time.perf_counter() - started)
         cpu.append(cpu_seconds(pid) - cpu_started if cpu_started is not None else float("nan"))
         edit_s.append(report["seconds"])
@@ -172,8 +172,8 @@ def main() -> int:
         "",
         "Apply-edit round trip through gradio_client against `python app.py` in a subprocess: one /apply_edit",
         "call = edit + re-evaluation of the held-out set + accuracy plot + flip-set galleries + augmented views",
-        "+ the refreshed browse page. The page's default edit (true label, editable model, RMSProp, 10",
-        "steps) on misclassified test images, each from the unedited model (/undo between edits), first one",
+        "+ the refreshed browse page. The page's default edit (true label, editable model, the local editor",
+        "with its defaults) on misclassified test images, each from the unedited model (/undo between edits), first one",
         "not counted.",
         "",
         f"Command: `.venv/bin/python bench/app_roundtrip.py {shlex.join(sys.argv[1:])}`",

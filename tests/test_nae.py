@@ -142,7 +142,7 @@ def test_evaluate_edits_nae_protocol_edits_to_true_labels(sample_nae, tmp_path, 
     assert sorted(r["index"] for r in edits) == sorted(true_label)
     assert all(r["target"] == true_label[r["index"]] for r in edits)
     random, _ = run_json(capsys, *common, "--n-edits", 2)
-    assert random["protocol"] == "random"
+    assert random["protocol"] == "other" and random["targets"] == "other"  # the default: random targets != true label
     assert set(summary) == set(random) | {"nae", "n_nae"}
 
 

@@ -279,7 +279,7 @@ def test_a_full_registry_refuses_newcomers_and_never_drops_recent_work(lab):
     registry, clock = registry_with_clock(lab, max_workspaces=2)
     victim = registry.get("victim")
     item = first_misclassified(victim)
-    assert victim.apply("baseline", item.label, EditSettings(lr=1e-3, max_steps=30)).applied
+    assert victim.apply("baseline", item.label, EditSettings(editor="rmsprop", lr=1e-3, max_steps=30)).applied
     registry.get("other")
     for attacker in range(5):
         clock.now += 30
@@ -307,7 +307,7 @@ def test_edits_share_a_memory_budget_that_refuses_rather_than_drops_recent_work(
     one_edit = probe.session("baseline").edit_bytes("layer3")
     registry, clock = registry_with_clock(lab, max_edit_bytes=int(2.5 * one_edit))
     a, b = registry.get("a"), registry.get("b")
-    settings = EditSettings(lr=1e-3, max_steps=30)
+    settings = EditSettings(editor="rmsprop", lr=1e-3, max_steps=30)
     item = first_misclassified(a)
     b.select(item.ref)
     assert a.apply("baseline", item.label, settings).applied
