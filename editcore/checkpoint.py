@@ -60,16 +60,22 @@ def save_checkpoint(path: str | Path, model: StagedNet, card: dict, editor: Edit
     return path
 
 
-def read_card(path: str | Path) -> dict:
-    """The card from the safetensors header (no tensor is loaded)."""
+def header_metadata(path: str | Path, kind: str = "checkpoint") -> dict[str, str]:
+    """The string metadata of a safetensors file's header (no tensor is loaded); `kind` names the file
+    in the messages of FileNotFoundError / ValueError."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise FileNotFoundError(f"{kind} {path} does not exist")
     try:
         with safe_open(str(path), framework="pt") as fh:
-            metadata = fh.metadata() or {}
+            return fh.metadata() or {}
     except Exception as exc:  # noqa: BLE001
-        raise ValueError(f"{path} is not a safetensors checkpoint: {exc}") from exc
+        raise ValueError(f"{path} is not a safetensors {kind}: {exc}") from exc
+
+
+def read_card(path: str | Path) -> dict:
+    """The card from the safetensors header (no tensor is loaded)."""
+    metadata = header_metadata(path)
     if "card" not in metadata:
         raise ValueError(f"{path} has no model card in its header")
     try:

@@ -12,8 +12,9 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from .checkpoint import header_metadata
 
 FORMAT = "editlab-train-state/1"
 
@@ -64,14 +65,7 @@ def save_state(path: str | Path, state: dict) -> Path:
 
 
 def load_state(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"training state {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            text = (fh.metadata() or {}).get("train_state")
-    except Exception as exc:  # noqa: BLE001
-        raise ValueError(f"{path} is not a safetensors training state: {exc}") from exc
+    text = header_metadata(path, "training state").get("train_state")
     if text is None:
         raise ValueError(f"{path} holds no training state (a checkpoint? resume takes the state file written with --state)")
     header = json.loads(text)
