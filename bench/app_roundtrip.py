@@ -194,8 +194,14 @@ def main() -> int:
             if r["n_heldout"] >= 10_000 else "well under the 10k figure"
         lines.append(f"| {label} | {r['n_heldout']:,} | {r['n']} | {r['p50']:.3f} s | {r['p90']:.3f} s | {r['max']:.3f} s "
                      f"| {r['cpu_p50']:.3f} s | {r['edit_p50'] * 1000:.0f} ms | {r['eval_p50'] * 1000:.0f} ms | {target} |")
-    lines += ["", f"Held-out re-evaluation ran in bfloat16 with float32 for low-margin rows (the app's default on "
-              f"CPUs with native bfloat16). Its predictions equal float32's: **{precision[0]}** over "
+    import torch
+
+    from editcore.metrics import native_bfloat16
+
+    native = native_bfloat16(torch.device("cpu"))
+    lines += ["", f"This CPU {'has' if native else 'has no'} native bfloat16, so the app's re-evaluation above ran in "
+              f"{'bfloat16 with float32 for low-margin rows' if native else 'float32'}. The mixed-precision path, "
+              f"checked here whatever the CPU, gives float32's predictions: **{precision[0]}** over "
               f"{precision[1]:,} predictions ({checked[0].replace(str(ROOT) + '/', '')}, unedited and after "
               f"{args.edits} seeded edits, {'full test set' if args.data_root else 'sample'}); on average "
               f"{precision[2]:.1%} of the rows were recomputed in float32."]
