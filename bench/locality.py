@@ -32,8 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from editcore import (EditableModel, ImageSet, augmented_views, create_editor, edit, load_checkpoint,  # noqa: E402
-                      load_cifar10, load_train_sample, normalize, resolve_data_root)
+from editcore import (EditableModel, HeldOutEvaluator, ImageSet, augmented_views, create_editor, edit,  # noqa: E402
+                      load_checkpoint, load_cifar10, load_train_sample, normalize, resolve_data_root)
 from editcore.fixers import full_logits  # noqa: E402
 from editcore.locality import (DEFAULT_COPIES, DEFAULT_ENERGY, DEFAULT_MARGIN, DEFAULT_MAX_STEPS,  # noqa: E402
                                AnchorSubspace, local_edit)
@@ -92,26 +92,10 @@ class Runner:
         return full_logits(self.model, images, params or None).argmax(1)
 
 
-class HeldOut:
-    """Held-out predictions from features cached at the method's split (re-runs only the later stages)."""
-
-    def __init__(self, runner: Runner, images: ImageSet):
-        self.runner, self.labels, self.indices = runner, images.labels, images.indices
-        with torch.no_grad():
-            self.features = torch.cat([runner.editable.features(normalize(images.images[i : i + 1000]))
-                                       for i in range(0, len(images), 1000)])
-        self.base = self.predict({})
-
-    @torch.no_grad()
-    def predict(self, params) -> torch.Tensor:
-        from editcore import eval_mode
-        with eval_mode(self.runner.model):
-            return torch.cat([self.runner.editable.logits_from_features(self.features[i : i + 1000], params or None)
-                              .argmax(1) for i in range(0, len(self.features), 1000)])
-
-    def accuracy(self, predictions: torch.Tensor, exclude: set[int]) -> float:
-        mask = torch.tensor([int(i) not in exclude for i in self.indices], device=predictions.device)
-        return float((predictions[mask] == self.labels[mask]).float().mean())
+def accuracy(heldout: HeldOutEvaluator, indices: torch.Tensor, predictions: torch.Tensor, exclude: set[int]) -> float:
+    """Held-out accuracy over the rows whose test index (`indices`) is not an edited image's."""
+    mask = torch.tensor([int(i) not in exclude for i in indices], device=predictions.device)
+    return float((predictions[mask] == heldout.labels[mask]).float().mean())
 
 
 def views_at_target(runner: Runner, image: torch.Tensor, target: int, params) -> float:
@@ -119,14 +103,14 @@ def views_at_target(runner: Runner, image: torch.Tensor, target: int, params) ->
     return float((runner.predict(views, params) == target).float().mean())
 
 
-def single_edits(runner: Runner, heldout: HeldOut, edits: ImageSet, rows, targets) -> list[dict]:
+def single_edits(runner: Runner, heldout: HeldOutEvaluator, indices, edits: ImageSet, rows, targets) -> list[dict]:
     records = []
     for row, target in zip(rows, targets):
         image = edits.images[row : row + 1]
         exclude = {int(edits.indices[row])}
         result = runner.edit(image, target, {}, [])
-        before = heldout.accuracy(heldout.base, exclude)
-        after = heldout.accuracy(heldout.predict(result.params), exclude)
+        before = accuracy(heldout, indices, heldout.base_predictions, exclude)
+        after = accuracy(heldout, indices, heldout.predict(result.params), exclude)
         gain = views_at_target(runner, image, target, result.params) - views_at_target(runner, image, target, {})
         records.append({"index": int(edits.indices[row]), "target": int(target), "success": result.success,
                         "steps": result.steps, "seconds": result.seconds, "drop": 100 * (before - after),
@@ -134,10 +118,10 @@ def single_edits(runner: Runner, heldout: HeldOut, edits: ImageSet, rows, target
     return records
 
 
-def session(runner: Runner, heldout: HeldOut, edits: ImageSet, rows, targets) -> dict:
+def session(runner: Runner, heldout: HeldOutEvaluator, indices, edits: ImageSet, rows, targets) -> dict:
     params, keep, curve, kept, gains, successes = {}, [], [], [], [], []
     exclude = {int(edits.indices[r]) for r in rows}
-    base = heldout.accuracy(heldout.base, exclude)
+    base = accuracy(heldout, indices, heldout.base_predictions, exclude)
     for row, target in zip(rows, targets):
         image = edits.images[row : row + 1]
         before = views_at_target(runner, image, target, params)
@@ -146,7 +130,7 @@ def session(runner: Runner, heldout: HeldOut, edits: ImageSet, rows, targets) ->
         params = result.params
         keep.append((image, int(target)))
         gains.append(views_at_target(runner, image, target, params) - before)
-        curve.append(heldout.accuracy(heldout.predict(params), exclude))
+        curve.append(accuracy(heldout, indices, heldout.predict(params), exclude))
         corrected = torch.cat([k[0] for k in keep])
         kept.append(int((runner.predict(corrected, params).cpu() == torch.tensor([k[1] for k in keep])).sum()))
     return {"base_accuracy": base, "accuracy_curve": curve, "kept_curve": kept, "final_drop": 100 * (base - curve[-1]),
@@ -207,15 +191,15 @@ def main(argv=None) -> int:
         for method in methods:
             started = time.perf_counter()
             runner = Runner(method, model, anchors, device)
-            heldout = HeldOut(runner, heldout_set)
+            heldout = HeldOutEvaluator(runner.editable, heldout_set.images, heldout_set.labels)
             row = {"model": name, "method": method.spec}
             for protocol in args.protocols:
                 if protocol in draws:
-                    records = single_edits(runner, heldout, edits, *draws[protocol])
+                    records = single_edits(runner, heldout, heldout_set.indices, edits, *draws[protocol])
                     row[protocol] = {**summarize(records), "records": records}
                 elif protocol.startswith("S"):
                     k = int(protocol[1:])
-                    row[protocol] = [session(runner, heldout, edits,
+                    row[protocol] = [session(runner, heldout, heldout_set.indices, edits,
                                              *draw_edits(edits, k, args.seed + 1000 + s, "corrections", predictions=wrong_predictions))
                                      for s in range(args.sessions)]
             row["seconds"] = time.perf_counter() - started

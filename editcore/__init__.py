@@ -3,10 +3,10 @@ from .checkpoint import Checkpoint, load_checkpoint, read_card, save_checkpoint
 from .data import (CLASSES, DataError, ImageSet, augment, load_cifar10, load_sample, load_train_sample, normalize,
                    resolve_data_root)
 from .device import pick_device
-from .edit import EditableModel, EditResult, edit, edit_loss, eval_mode
+from .edit import EditableModel, EditResult, edit, edit_loss, eval_mode, logit_margins
 from .augment_views import augmented_views, generalization, view_families, view_specs
 from .editors import EDITORS, Editor, create_editor, register_editor
-from .locality import AnchorSubspace, LocalEditor, local_edit, logit_margins
+from .locality import AnchorSubspace, LocalEditor, local_edit
 from .fixers import (FIXERS, EditorFixer, FinetuneFixer, Fixer, LookupFixer, LookupTable, PatchResult, finetune,
                      full_logits, penultimate_features)
 from .metrics import EditRecord, HeldOutEvaluator, draw_edits, evaluate_edits, summarize

@@ -22,12 +22,16 @@ from .models import StagedNet, editable_names
 ORDERS = ("none", "first", "second")
 
 
+def logit_margins(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Target score minus the largest other score, per row (> 0 iff the target is the argmax)."""
+    target = logits.gather(1, targets.view(-1, 1)).squeeze(1)
+    others = logits.masked_fill(nn.functional.one_hot(targets, logits.shape[1]).bool(), float("-inf"))
+    return target - others.max(dim=1).values
+
+
 def edit_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of max(0, max_{c != y} log p(c|x) - log p(y|x))."""
-    log_probs = torch.log_softmax(logits, dim=1)
-    target_lp = log_probs.gather(1, targets.view(-1, 1)).squeeze(1)
-    others = log_probs.masked_fill(nn.functional.one_hot(targets, logits.shape[1]).bool(), float("-inf"))
-    return torch.clamp(others.max(dim=1).values - target_lp, min=0).mean()
+    return torch.clamp(-logit_margins(torch.log_softmax(logits, dim=1), targets), min=0).mean()
 
 
 def is_success(logits: torch.Tensor, targets: torch.Tensor) -> bool:

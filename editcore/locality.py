@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .data import augment, load_train_sample, normalize
-from .edit import EditableModel, EditResult, eval_mode
+from .edit import EditableModel, EditResult, eval_mode, logit_margins
 from .editors import Editor, Params, register_editor
 
 DEFAULT_EDITOR = "local"  # the page's and evaluate-edits' default editor (docs/LOCALITY.md)
@@ -96,13 +96,6 @@ class AnchorSubspace:
         """tensor (shaped like the weight) with its input side projected onto the low-energy subspace."""
         flat = tensor.reshape(tensor.shape[0], -1)
         return (flat @ self.projectors[name].to(flat.device)).reshape(tensor.shape)
-
-
-def logit_margins(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Target logit minus the largest other logit, per row (> 0 iff the target is the argmax)."""
-    target = logits.gather(1, targets.view(-1, 1)).squeeze(1)
-    others = logits.masked_fill(nn.functional.one_hot(targets, logits.shape[1]).bool(), float("-inf"))
-    return target - others.max(1).values
 
 
 def local_edit(
