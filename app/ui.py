@@ -14,8 +14,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import gradio as gr
-from gradio import processing_utils
-from gradio.components.plot import PlotData
 
 from editcore import (CLASSES, DEFAULT_EDITOR, EDITORS, SOURCE_TEST, SOURCE_UPLOADS, BrowseQuery, EditSettings, ImageError, ImageRef,
                       Lab, SettingsError, compare_fixes, read_log, view_names)
@@ -29,9 +27,7 @@ SORT_LABELS = {"index": "image index", "confidence-asc": "confidence, lowest fir
 ALL_CLASSES = "all"
 PAGE_SIZE = 24
 MAX_LOG_UPLOAD_BYTES = 20_000_000
-PLOT_FORMAT = "png"
 MAX_EXPORT_FILES = 200  # the newest exports (weights, cards, logs) kept for download
-PLOT_CACHE_SIZE = 128  # rendered plots (~40 KB each) kept for reuse
 INTRO = (
     "**Find a wrong prediction, fix it, and see what the fix costs.** An *editable* network "
     "(Sinitsin et al., “Editable Neural Networks”, ICLR 2020) is trained so that a few gradient steps on one "
@@ -63,14 +59,6 @@ def _editor_fields(shared, editor: str, session_layers: str | None = None):
                 f"; editable training learned {learned:.3g} for this model: try it and compare" if learned else ""))
     return (gr.update(value=EDITORS[editor].default_lr, info=hint), gr.update(value=EDITORS[editor].default_max_steps),
             gr.update(choices=list(shared.layer_choices), value=session_layers or shared.layers_for(editor)))
-
-
-@functools.lru_cache(maxsize=PLOT_CACHE_SIZE)
-def accuracy_plot(curve: tuple[float, ...], model: str, n_heldout: int) -> PlotData:
-    """The accuracy plot, rendered once per curve: undo, reset and every new session's first page show a
-    curve drawn before, and drawing one costs ~0.2 s of server CPU (docs/RELIABILITY.md)."""
-    figure = render.accuracy_plot(list(curve), model, n_heldout)
-    return PlotData(type="matplotlib", plot=processing_utils.encode_plot_to_base64(figure, PLOT_FORMAT))
 
 
 def _session_key(request) -> str:
@@ -120,7 +108,7 @@ class Handlers:
         report = {"model": ws.model, "edits": len(session.history), "heldout_accuracy": curve[-1],
                   "heldout_accuracy_base": curve[0], "message": message, **(summary or {})}
         image, info, topk, _ = self._selection_outputs(ws)
-        return (report, message, topk, info, accuracy_plot(tuple(curve), ws.model, len(session.shared.heldout)),
+        return (report, message, topk, info, render.accuracy_plot(curve, ws.model, len(session.shared.heldout)),
                 render.views_placeholder("Apply an edit to see how the edited model treats shifted, flipped and "
                                          "re-lit copies of the image."),
                 fixed_gallery, broken_gallery, render.history_rows(session.history), *self._browse_outputs(ws))
@@ -130,7 +118,7 @@ class Handlers:
         fixed_gallery, broken_gallery = self._flip_outputs(report.predictions_before, report.predictions_after,
                                                            report.fixed_rows, report.broken_rows)
         _, info, topk, _ = self._selection_outputs(ws)
-        plot = accuracy_plot(tuple(session.accuracy_curve()), ws.model, len(session.shared.heldout))
+        plot = render.accuracy_plot(session.accuracy_curve(), ws.model, len(session.shared.heldout))
         return (report.to_dict(), render.status_markdown(report), topk, info, plot,
                 render.views_html(report, self.view_names), fixed_gallery, broken_gallery,
                 render.history_rows(session.history), *self._browse_outputs(ws))
@@ -424,8 +412,7 @@ def build_demo(lab: Lab) -> gr.Blocks:
         gr.Markdown("### 3 · Effect of the edit")
         status = gr.Markdown(elem_id="status")
         with gr.Row(equal_height=False):
-            plot = gr.Plot(label="Held-out accuracy after each edit", elem_id="accuracy-plot", scale=2,
-                           format=PLOT_FORMAT)
+            plot = gr.HTML(label="Held-out accuracy after each edit", elem_id="accuracy-plot", scale=2, container=True)
             views = gr.HTML(elem_id="views", padding=True, scale=3)
         with gr.Row():
             fixed_gallery = gr.Gallery(label="Flip set: held-out images this edit fixed (prediction before → after)",

@@ -5,7 +5,7 @@
 Starts the app in a subprocess on a free loopback port (embedded 1,000-image sample, shipped checkpoints).
 For each client count, that many clients start together; each runs `--cycles` cycles of
 /select_image -> /apply_edit -> /history -> /undo on its own images (the page's default
-edit: editable model, RMSProp, 10 steps; targets: the true label of a misclassified image, or the
+edit: editable model, the local editor with its own steps and layer; targets: the true label of a misclassified image, or the
 runner-up class of a correct one), then keeps one last edit. Measured: /apply_edit
 wall time (p50, p95), errors, and isolation: every /history holds exactly the client's own edit, and
 each client's final top-5 on its probe images equals what one quiet client gets by replaying that
@@ -32,7 +32,7 @@ from app_roundtrip import ROOT, cpu_seconds, start_app  # bench/ is on sys.path 
 from report import write_section
 
 RELIABILITY = ROOT / "docs" / "RELIABILITY.md"
-EDIT = ("editable", "rmsprop", None, 10, "layer3", 0)  # /apply_edit after the target: the page's defaults
+EDIT = ("editable", None, None, None, None, 0)  # /apply_edit after the target: the page's defaults (local editor)
 CALL_TIMEOUT_S = 300
 
 

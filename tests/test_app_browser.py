@@ -75,7 +75,7 @@ def test_fix_a_misclassified_image_in_the_browser(served, tmp_path):
             # An edit takes well under a second on a quiet machine; on a shared one it can take many.
             sync_api.expect(status).to_contain_text("Applied: Edit 1 applied", timeout=120_000)
             sync_api.expect(status).to_contain_text(f"Reached {true_label} in")
-            page.locator("#accuracy-plot img").wait_for()
+            page.locator("#accuracy-plot svg.accuracy-plot").wait_for()
             page.locator("#fixed-gallery .thumbnail-item").first.wait_for()  # the edited image itself is held out
             sync_api.expect(page.locator("#views figure")).to_have_count(16)
             sync_api.expect(page.locator("#topk")).to_contain_text(true_label)

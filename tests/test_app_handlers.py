@@ -50,6 +50,7 @@ def test_page_load_select_apply_undo(handlers):
     assert max(topk_after, key=topk_after.get) == true_label
     assert len(outputs[8]) == 1 and outputs[8][0][0] == 1  # history table: one row, edit 1
     assert "green" in outputs[5] and outputs[5].count("<figure>") == 16  # the augmented views panel
+    assert outputs[4].startswith("<svg") and outputs[4].count(",") >= 2  # the plot: two points, unedited and edit 1
     assert handlers.history(r)[0]["targets"] == [true_label]
 
     undone = handlers.undo(r)
