@@ -46,6 +46,9 @@ class Editor(nn.Module):
             raise ValueError(f"{self.name} takes no {sorted(betas)}")
         self.set_learnable(learnable)
 
+    def weights_changed(self, editable) -> None:
+        """The model's weights moved (training): forget what was computed from them (none here)."""
+
     def set_learnable(self, learnable: bool) -> "Editor":
         """Train the lr/betas with the model (all but `frozen`), or keep them fixed."""
         for name, param in self.named_parameters():

@@ -211,6 +211,12 @@ class LocalEditor(Editor):
             cache[key] = AnchorSubspace(editable, normalize(anchors.to(device)), self.energy)
         return cache[key]
 
+    def weights_changed(self, editable: EditableModel) -> None:
+        """Training moved the weights, so the anchors' inputs to the edited layer moved: recompute the
+        subspace on next use."""
+        for owner in (editable.__dict__, self.__dict__):
+            owner.pop("_anchor_subspaces", None)
+
     def apply_edit(self, editable: EditableModel, inputs: torch.Tensor, targets: torch.Tensor, max_steps: int,
                    params: Params | None = None, keep: tuple[torch.Tensor, torch.Tensor] | None = None) -> EditResult:
         keep_inputs, keep_targets = keep if keep is not None else (None, None)

@@ -32,12 +32,13 @@ from tqdm import tqdm
 
 from .data import ImageSet, augment, normalize
 from .edit import EditableModel, edit, edit_loss, eval_mode
-from .editors import Editor, create_editor
+from .editors import EDITORS, Editor, create_editor
 from .metrics import HeldOutEvaluator, evaluate_edits
 from .models import StagedNet, create_model, default_editable_prefix
 from .train_state import save_state
 
 SCHEDULES = ("cosine", "constant")
+LOCAL_ANCHORS = 2000  # training images whose inputs span what a local edit must leave alone
 
 
 @dataclass
@@ -56,9 +57,9 @@ class TrainConfig:
     editable: bool = False
     editable_prefix: str = ""  # '' -> the architecture's default (paper, CIFAR: layer3)
     editor: str = "rmsprop"
-    editor_lr: float = 1e-3
+    editor_lr: float = 0.0  # 0 -> 1e-3 for the gradient editors, the editor's own default for the local one
     learnable_editor: bool = True
-    max_steps: int = 10
+    max_steps: int = 0  # 0 -> 10 (the paper's k), or the editor's own default for the local one
     c_edit: float = 0.01
     c_loc: float = 0.01
     order: str = "second"
@@ -73,7 +74,18 @@ class TrainConfig:
         c = TrainConfig(**asdict(self))
         c.optimizer = c.optimizer or ("adam" if c.editable else "sgd")
         c.lr = c.lr or ((0.1 if c.optimizer == "sgd" else 1e-3) * c.batch_size / 128)
-        c.editable_prefix = c.editable_prefix or default_editable_prefix(c.arch)
+        if c.editor not in EDITORS:
+            raise ValueError(f"unknown editor {c.editor!r}; choose from {sorted(EDITORS)}")
+        # An editor with its own procedure (the local one) edits without a graph: it trains first order,
+        # theta_k = theta + (the edit's change, held fixed), and has nothing learnable.
+        editor_class = EDITORS[c.editor]
+        own_procedure = c.editable and hasattr(editor_class, "apply_edit")
+        if own_procedure:
+            c.order, c.learnable_editor = "first", False
+        c.editor_lr = c.editor_lr or (editor_class.default_lr if own_procedure else 1e-3)
+        c.max_steps = c.max_steps or (editor_class.default_max_steps if own_procedure else 10)
+        c.editable_prefix = c.editable_prefix or (own_procedure and editor_class.default_layers) or \
+            default_editable_prefix(c.arch)
         if c.optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer must be 'sgd' or 'adam', not {c.optimizer!r}")
         if c.schedule not in SCHEDULES:
@@ -184,11 +196,18 @@ def train_step(net, editable, editor, optimizer, x, y, edit_pool, config, gen) -
         with eval_mode(model):
             with torch.no_grad():
                 target = draw_edit_targets(model(x_edit), edit_pool.labels[i], config, gen)
-            result = edit(editable, x_edit, target, editor, config.max_steps, order=config.order)
-            loss_edit = edit_loss(result.final_logits, target)
+            if hasattr(editor, "apply_edit"):  # first order: the edit's change, held fixed, on the live weights
+                result = edit(editable, x_edit, target, editor, config.max_steps)
+                live = editable.base_params()
+                edited = {n: p + (result.params[n] - p).detach() for n, p in live.items()}
+                final_logits = editable.logits(x_edit, edited)
+            else:
+                result = edit(editable, x_edit, target, editor, config.max_steps, order=config.order)
+                edited, final_logits = result.params, result.final_logits
+            loss_edit = edit_loss(final_logits, target)
             features = editable.features(x)
             ref = editable.logits_from_features(features).detach()
-            loss_loc = kl_div(ref, editable.logits_from_features(features, result.params))
+            loss_loc = kl_div(ref, editable.logits_from_features(features, edited))
         loss = base + config.c_edit * loss_edit + config.c_loc * loss_loc
         stats.update(loss_edit=loss_edit.detach(), loss_loc=loss_loc.detach(), edit_success=float(result.success),
                      edit_steps=float(result.steps))
@@ -324,7 +343,11 @@ def train(
     editable = EditableModel(model, config.editable_prefix)
     params = list(model.parameters())
     if config.editable:
-        editor = init_editor if init_editor is not None and not resume else create_editor(config.editor, lr=config.editor_lr)
+        # The local editor's anchors: training images (its subspace is recomputed every epoch).
+        anchors = {"anchors": train_set.images[:LOCAL_ANCHORS]} if config.order == "first" and \
+            hasattr(EDITORS[config.editor], "apply_edit") else {}
+        editor = init_editor if init_editor is not None and not resume else \
+            create_editor(config.editor, lr=config.editor_lr, **anchors)
         if resume:
             editor.load_state_dict(resume["editor"])
         editor = editor.to(device).set_learnable(config.learnable_editor)
@@ -377,6 +400,8 @@ def train(
         if batch == 0:
             order = torch.randperm(len(train_set), generator=data_gen).to(device)
             sums = {}
+        if editor is not None:
+            editor.weights_changed(editable)  # once an epoch (and on resume)
         bar = tqdm(range(batch, steps_per_epoch), desc=f"epoch {epoch + 1}", file=sys.stderr,
                    mininterval=5, leave=False, disable=None if rank == 0 else True)
         for b in bar:

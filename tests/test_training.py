@@ -195,3 +195,15 @@ def test_two_process_gradients_are_the_mean_of_each_ranks_own(tmp_path):
             assert torch.allclose(ranks[0]["ddp." + name], mean, rtol=1e-5, atol=1e-7), name
         own = [r["own.editor.log_lr" if kind == "editable" else "own.head.2.weight"] for r in ranks]
         assert not torch.equal(own[0], own[1])  # the ranks did see different data / edits
+
+
+def test_editable_training_with_the_local_editor_is_first_order_and_moves_the_weights(one_torch_thread):
+    config = TrainConfig(**{**TINY, "max_steps": 0}, epochs=1, editable=True, editor="local", c_loc=1.0, lr=1e-2).resolved()
+    assert (config.order, config.learnable_editor, config.editor_lr, config.max_steps) == ("first", False, 1.0, 20)
+    start = make_tiny()
+    model, editor, summary = train(config, tiny_images(), init_model=make_tiny(), log=quiet)
+    assert editor.name == "local" and summary["editor_trained"] == []
+    record = summary["history"][-1]
+    assert record["edit_success"] > 0 and record["loss_loc"] > 0  # edits ran and moved the batch's outputs
+    assert not torch.equal(model.body[0].weight, start.body[0].weight)
+    assert TrainConfig(editable=True, editor="local").resolved().editable_prefix == "layer3.0.conv1"
