@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from editcore import AnchorSubspace, EditableModel, create_editor, edit, local_edit, logit_margins
+from editcore.locality import KEEP_MARGIN
 from editcore.models import StagedNet
 
 from conftest import make_tiny
@@ -101,6 +102,29 @@ def test_session_constraints_keep_an_earlier_correction():
     with torch.no_grad():
         assert editable.logits(inputs[0:1], kept.params).argmax(1).item() == first_target.item()
         assert kept.success
+
+
+def test_kept_rows_that_hold_cost_the_edit_nothing():
+    """Earlier corrections that stay in place are only checked: the edit is the one made without them."""
+    model = make_tiny()
+    with torch.no_grad():
+        model.head[2].weight.mul_(50)  # margins of a few logits, like a trained model's
+    editable = EditableModel(model, "body")
+    inputs = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    subspace = AnchorSubspace(editable, torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(5)), 0.5)
+    with torch.no_grad():
+        logits = editable.logits(inputs)
+    margins = logits.topk(2, 1).values
+    steady = (margins[:, 0] - margins[:, 1]).argsort(descending=True)[:3]  # the most confident inputs
+    steady = steady[steady != 0]
+    target = logits[0:1].argsort(1)[:, -2]
+    alone = local_edit(editable, inputs[0:1], target, subspace, 50, margin=1.0, copies=0)
+    kept = local_edit(editable, inputs[0:1], target, subspace, 50, margin=1.0, copies=0,
+                      keep_inputs=inputs[steady], keep_targets=logits[steady].argmax(1))
+    with torch.no_grad():
+        after = editable.logits(inputs[steady], kept.params)
+    assert (logit_margins(after, logits[steady].argmax(1)) >= KEEP_MARGIN).all()  # they held
+    assert kept.steps == alone.steps and all(torch.equal(kept.params[n], alone.params[n]) for n in alone.params)
 
 
 def test_local_editor_is_pure_and_registered(tiny):
