@@ -111,8 +111,9 @@ def edit(
     'second' to keep the graph from the starting params through the steps (editable training).
     Returns the first parameters at which all targets are argmax, or the last ones after
     `max_steps` steps (success False). An editor with its own procedure (`apply_edit`, e.g. the local
-    editor) runs that instead; `keep` = (normalised images, targets) of earlier corrections such an
-    editor holds in place (gradient editors ignore it).
+    editor) runs that instead; `keep` = (features, targets) of earlier corrections such an editor
+    holds in place, the features being their activations entering the editable stage
+    (`editable.features`, which no edit changes); gradient editors ignore it.
     """
     if hasattr(editor, "apply_edit"):
         if order != "none":

@@ -111,6 +111,7 @@ def local_edit(
     keep_targets: torch.Tensor | None = None,
     step_scale: float = 1.0,
     seed: int = 0,
+    keep_features: torch.Tensor | None = None,
 ) -> EditResult:
     """Edit so that every input gets its target, changing only `subspace.names` within the subspace.
 
@@ -122,7 +123,8 @@ def local_edit(
     hinge's gradient, so only those rows need the backward pass: a session's 200th edit costs about
     what its first does. It stops when the loss is 0 with every kept row in place, or after `max_steps`
     steps; `success` means every input's target is the argmax. `params`: the editable tensors to start
-    from (default: the base model's).
+    from (default: the base model's). `keep_features` may stand for `keep_inputs`: their activations
+    entering the editable stage, which a caller keeping a session's corrections can compute once.
     """
     if max_steps < 0:
         raise ValueError("max_steps must be >= 0")
@@ -142,10 +144,13 @@ def local_edit(
     with eval_mode(editable.model), torch.enable_grad():
         with torch.no_grad():
             features = editable.features(torch.cat(rows))
-            keep_features = None
-            if keep_inputs is not None and len(keep_inputs):
+            if keep_features is None and keep_inputs is not None:
                 keep_features = editable.features(keep_inputs.to(inputs.device))
+            if keep_features is not None and len(keep_features):
+                keep_features = keep_features.to(inputs.device)
                 keep_targets = keep_targets.view(-1).to(inputs.device)
+            else:
+                keep_features = None
         kept = torch.zeros(0 if keep_features is None else len(keep_features), dtype=torch.bool, device=inputs.device)
 
         def evaluate(candidate: Params) -> tuple[Params, torch.Tensor, torch.Tensor]:
@@ -241,9 +246,10 @@ class LocalEditor(Editor):
 
     def apply_edit(self, editable: EditableModel, inputs: torch.Tensor, targets: torch.Tensor, max_steps: int,
                    params: Params | None = None, keep: tuple[torch.Tensor, torch.Tensor] | None = None) -> EditResult:
-        keep_inputs, keep_targets = keep if keep is not None else (None, None)
+        keep_features, keep_targets = keep if keep is not None else (None, None)
         return local_edit(editable, inputs, targets, self.subspace(editable), max_steps, self.margin, self.copies,
-                          params, keep_inputs, keep_targets, step_scale=float(self.lr.detach()))
+                          params, keep_targets=keep_targets, step_scale=float(self.lr.detach()),
+                          keep_features=keep_features)
 
     def step(self, params, grads, state):
         raise NotImplementedError("the local editor edits through apply_edit, not per-step updates")

@@ -334,6 +334,7 @@ class EditSession:
         self._base = _State({}, shared.base_heldout_probs, 0)
         self._stack: list[_State] = []
         self._source_cache: dict[tuple[str, int], torch.Tensor] = {}
+        self._correction_features: dict[tuple[str, str], torch.Tensor] = {}  # (layers, pixels) -> features
 
     @property
     def _top(self) -> _State:
@@ -364,16 +365,19 @@ class EditSession:
 
     def state_bytes(self) -> int:
         """Memory this session's edits hold: each keeps its edited parameters, held-out probabilities, flip
-        rows (Python ints) and the edited images' pixels (base64)."""
+        rows (Python ints), the edited images' pixels (base64) and, once a later edit kept them, their
+        features entering the edited stage."""
         return sum(_tensor_bytes(state.params.values()) + state.heldout_probs.nbytes for state in self._stack) + \
-            sum(ROW_BYTES * (len(e.fixed_rows) + len(e.broken_rows)) + sum(map(len, e.pixels)) for e in self.history)
+            sum(ROW_BYTES * (len(e.fixed_rows) + len(e.broken_rows)) + sum(map(len, e.pixels)) for e in self.history) + \
+            _tensor_bytes(self._correction_features.values())
 
     def edit_bytes(self, layers: str, n_images: int = 1) -> int:
         """The most that one more edit of `layers` on `n_images` images adds to `state_bytes` (every held-out
         image a flip at worst)."""
         probs = self.shared.base_heldout_probs
+        features = self.shared.evaluator(layers).features
         return _tensor_bytes(self.shared.editable(layers).frozen_base_params().values()) + probs.nbytes + \
-            ROW_BYTES * len(probs) + n_images * PIXELS_BYTES
+            ROW_BYTES * len(probs) + n_images * (PIXELS_BYTES + features[0].nbytes)
 
     def source_probabilities(self, key: str, images: torch.Tensor) -> torch.Tensor:
         """Probabilities of a fixed image set under the current edits (cached per state)."""
@@ -415,7 +419,7 @@ class EditSession:
             progress(0.0, f"editing ({settings.editor}, up to {settings.max_steps} steps)")
             start_params = self.params or editable.frozen_base_params()
             result = edit(editable, normalize(images.to(device)), target_tensor, editor, settings.max_steps,
-                          params=start_params, keep=self._corrections())
+                          params=start_params, keep=self._corrections(editable))
             progress(0.4, f"re-evaluating {len(shared.heldout):,} held-out images")
             started = time.perf_counter()
             probs_after = shared.heldout_probabilities(settings.layers, result.params)
@@ -454,13 +458,21 @@ class EditSession:
                           len(broken), int(changed.sum()), shared.name, settings, list(refs), list(targets),
                           views_before, views_after, views, before, after, fixed, broken)
 
-    def _corrections(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """This session's earlier edits as (normalised images, targets), for an editor that keeps them."""
+    def _corrections(self, editable: EditableModel) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """This session's earlier edits as (features entering `editable`'s first stage, targets), for an
+        editor that keeps them. No edit changes those features, so each image's are computed once."""
         if not self.history:
             return None
-        images = torch.stack([decode_pixels(p) for entry in self.history for p in entry.pixels])
+        keys = [(editable.prefixes, p) for entry in self.history for p in entry.pixels]
+        missing = [k for k in dict.fromkeys(keys) if k not in self._correction_features]
+        if missing:
+            images = torch.stack([decode_pixels(p) for _, p in missing]).to(self.shared.device)
+            with torch.no_grad(), eval_mode(self.shared.model):
+                features = editable.features(normalize(images))
+            self._correction_features.update(zip(missing, [f.clone() for f in features]))  # rows of their own
+        self._correction_features = {k: self._correction_features[k] for k in keys}  # forget undone edits
         targets = torch.tensor([t for entry in self.history for t in entry.targets])
-        return normalize(images.to(self.shared.device)), targets.to(self.shared.device)
+        return torch.stack([self._correction_features[k] for k in keys]), targets.to(self.shared.device)
 
     def last_flips(self) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]] | None:
         """(predictions before, after, fixed rows, broken rows) of the last applied edit, or None."""

@@ -75,7 +75,7 @@ def test_default_edits_correct_sample_images_locally(path):
     accuracy = lambda predictions: float((predictions[others] == sample.labels[others]).float().mean())  # noqa: E731
     base, params, kept = accuracy(heldout.base_predictions), {}, []
     for row, target in zip(rows, targets):
-        keep = (normalize(sample.images[kept]), torch.tensor(targets[: len(kept)])) if kept else None
+        keep = (editable.features(normalize(sample.images[kept])), torch.tensor(targets[: len(kept)])) if kept else None
         result = edit(editable, normalize(sample.images[row : row + 1]), torch.tensor([target]), editor,
                       editor.default_max_steps, params=params or None, keep=keep)
         assert result.success
