@@ -40,6 +40,7 @@ CHECKPOINT = ROOT / "assets" / "resnet20_baseline.safetensors"
 OFFICIAL_S_PER_EDIT = 19.5
 TARGET_SPEEDUP = 16.0
 OLD_EVAL_BATCH = 2500  # HeldOutEvaluator's batch before it shared the app's engine
+RE_EVALUATION_GFLOP = 262  # 10,000 images through ResNet-20's layer3 and head (2 x 13.1 M multiply-adds each)
 
 
 def engine(data_root: str, repeats: int) -> tuple[list[tuple[str, float, float]], bool, str]:
@@ -64,6 +65,15 @@ def engine(data_root: str, repeats: int) -> tuple[list[tuple[str, float, float]]
         predictions.append(logits.argmax(1))
     identical = all(torch.equal(p, predictions[0]) for p in predictions)
     return results, identical, f"{len(test)} images, one edit's params (RMSProp, 'other' target, seed 0)"
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """This CPU's float32 matrix-multiply throughput on all of torch's threads (median of `repeats`): a
+    practical ceiling for the convolutions of a re-evaluation."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up
+    wall, _, _ = timed(lambda: a @ b, repeats)
+    return 2 * size**3 / wall / 1e9
 
 
 def children_cpu_seconds() -> float:
@@ -99,6 +109,10 @@ def main() -> int:
     print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; native bfloat16: {bf16}; load average before: {load_before}")
 
     engine_rows, identical, engine_note = engine(args.data_root, args.repeats)
+    peak = matmul_gflops()
+    floor = RE_EVALUATION_GFLOP / peak
+    print(f"float32 matmul: {peak:.0f} GFLOP/s on {torch.get_num_threads()} threads; a 10,000-image re-evaluation "
+          f"({RE_EVALUATION_GFLOP} GFLOP) takes at least {floor:.2f} s at that rate")
     base_cpu = engine_rows[0][2]
     for name, wall, cpu in engine_rows:
         print(f"re-evaluate, {name}: {wall:.2f} s wall, {cpu:.2f} s CPU ({base_cpu / cpu:.2f}x less CPU than before)")
@@ -160,8 +174,12 @@ Held-out re-evaluation after one edit ({engine_note}), medians of {args.repeats}
 Predictions identical across these configurations: **{identical}**.
 
 - Re-evaluation is nearly all of an edit's cost (an edit itself is ~10 ms, see the editcore section):
-  10,000 images through `layer3` and the head, 262 GFLOP of float32 convolution per edit, which oneDNN
+  10,000 images through `layer3` and the head, {RE_EVALUATION_GFLOP} GFLOP of float32 convolution per edit, which oneDNN
   runs close to this CPU's float32 peak (torch.profiler: almost all of the time in `mkldnn_convolution`).
+  This CPU's float32 matrix multiply, measured in this run: **{peak:.0f} GFLOP/s** on {torch.get_num_threads()} threads,
+  so one re-evaluation takes at least **{floor:.2f} s** at that rate, against the target's
+  {OFFICIAL_S_PER_EDIT / TARGET_SPEEDUP:.2f} s per edit: the target needs cheaper arithmetic (bfloat16 where native,
+  a GPU) or fewer operations, not a better float32 schedule.
   Without native bfloat16 the exact engine has no cheaper arithmetic here; a Winograd convolution
   written with torch ops and an int8 (fbgemm) convolution were tried as prototypes and not kept
   (slower, or a small gain with far larger errors to fall back from).
