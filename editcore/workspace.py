@@ -419,6 +419,7 @@ class WorkspaceRegistry:
         finally:
             with self._lock:
                 self._reserved -= n_bytes
+            release_memory()  # an edit's transient tensors were freed just now (~2 ms; docs/RELIABILITY.md)
 
     def _drop_least_recent(self, now: float, spare: Workspace | None = None) -> bool:
         """Drop the least recently used workspace idle for over `keep_seconds`; False when there is none."""
