@@ -5,8 +5,8 @@
 Starts the app in a subprocess on a free loopback port (embedded 1,000-image sample, shipped checkpoints).
 For each client count, that many clients start together; each runs `--cycles` cycles of
 /select_image -> /apply_edit -> /history -> /undo on its own images (the page's default
-edit: editable model, the local editor with its own steps and layer; targets: the true label of a misclassified image, or the
-runner-up class of a correct one), then keeps one last edit. Measured: /apply_edit
+edit: editable model, the local editor with its own steps and layer; targets: the true label of a
+misclassified image, or the runner-up class of a correct one), then keeps one last edit. Measured: /apply_edit
 wall time (p50, p95), errors, and isolation: every /history holds exactly the client's own edit, and
 each client's final top-5 on its probe images equals what one quiet client gets by replaying that
 client's edit log (/export_log -> /replay_log). Server CPU is the app process's user + system time

@@ -120,8 +120,8 @@ def local_edit(
     relu(margin - logit margin). `keep_inputs` (earlier corrections to keep) must stay KEEP_MARGIN above
     their next class: whenever the loss reaches 0, all of them are checked, and the ones that fell
     short join the loss (with KEEP_MARGIN) for the steps that follow. A satisfied one adds nothing to the
-    hinge's gradient, so only those rows need the backward pass: a session's 200th edit costs about
-    what its first does. It stops when the loss is 0 with every kept row in place, or after `max_steps`
+    hinge's gradient, so only those rows need the backward pass, not every correction of a long
+    session at every step. It stops when the loss is 0 with every kept row in place, or after `max_steps`
     steps; `success` means every input's target is the argmax. `params`: the editable tensors to start
     from (default: the base model's). `keep_features` may stand for `keep_inputs`: their activations
     entering the editable stage, which a caller keeping a session's corrections can compute once.

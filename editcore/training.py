@@ -344,8 +344,8 @@ def train(
     params = list(model.parameters())
     if config.editable:
         # The local editor's anchors: training images (its subspace is recomputed every epoch).
-        anchors = {"anchors": train_set.images[:LOCAL_ANCHORS]} if config.order == "first" and \
-            hasattr(EDITORS[config.editor], "apply_edit") else {}
+        own_procedure = hasattr(EDITORS[config.editor], "apply_edit")
+        anchors = {"anchors": train_set.images[:LOCAL_ANCHORS]} if own_procedure else {}
         editor = init_editor if init_editor is not None and not resume else \
             create_editor(config.editor, lr=config.editor_lr, **anchors)
         if resume:
