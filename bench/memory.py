@@ -7,8 +7,8 @@ Runs itself twice, in fresh processes: once with the allocator settings `python 
 (shipped editable checkpoint, embedded sample) and reports its CPU time (user + system). Each round,
 `--sessions` workspaces each keep `--edits` edits, applied from `--threads` worker threads (the app's
 handlers run on a pool of threads too), then every workspace is dropped. RSS is read before, at the
-peak, and after the drop, twice over: once as the app runs now (dropping a workspace hands freed heap
-back with glibc's malloc_trim), once with that call disabled (as before). If RSS after the drop returns
+peak, and after the drop, twice over: once as the app runs now (every edit and every dropped workspace
+hand freed heap back with glibc's malloc_trim), once with that call disabled. If RSS after the drop returns
 near the start with the trim and stays up without it, the growth was the allocator keeping freed memory,
 not a leak; if it grew from round to round even with the trim, it would be a leak. Writes the "Memory"
 section of docs/RELIABILITY.md.
@@ -60,7 +60,7 @@ def run_rounds(lab: Lab, plan: list[tuple[int, str]], args) -> list[dict]:
 
 
 def measure(args) -> dict:
-    """One process's rounds, with and without malloc_trim on drop, under `args.allocator`."""
+    """One process's rounds, with and without malloc_trim (after each edit and on drop), under `args.allocator`."""
     if args.allocator == "app":
         limit_allocator_retention()
     plan = edit_plan()
@@ -68,7 +68,7 @@ def measure(args) -> dict:
     loaded, cpu_before = rss_mb(os.getpid()), os.times()
     results = {}
     trim = workspace_module._libc
-    for label, libc in (("no trim", None), ("trim on drop (as the app)", trim)):
+    for label, libc in (("no trim", None), ("trim after each edit and on drop (as the app)", trim)):
         workspace_module._libc = libc
         results[label] = run_rounds(lab, plan, args)
     workspace_module._libc = trim
@@ -102,7 +102,7 @@ def main() -> int:
              f"{os.getloadavg()[0]:.1f}. Two fresh processes, lab loaded in each ("
              + ", ".join(f"{a}: {r['loaded']:.0f} MB RSS" for a, r in runs.items()) + "). Each round: "
              f"{args.sessions} sessions x {args.edits} kept edits (the page's default editor) from {args.threads} "
-             "threads, then all dropped; first without malloc_trim on drop, then with it.",
+             "threads, then all dropped; first without malloc_trim, then with it.",
              "", "| allocator | trim | round | RSS at start | RSS at peak | edit state held | RSS after the drop |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for allocator, run in runs.items():
