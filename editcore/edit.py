@@ -115,7 +115,7 @@ def edit(
     holds in place, the features being their activations entering the editable stage
     (`editable.features`, which no edit changes); gradient editors ignore it.
     """
-    if hasattr(editor, "apply_edit"):
+    if not editor.differentiable:
         if order != "none":
             raise ValueError(f"the {editor.name} editor does not support differentiable (order={order!r}) edits")
         return editor.apply_edit(editable, inputs, targets, max_steps, params, keep)

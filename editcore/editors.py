@@ -27,6 +27,9 @@ class Editor(nn.Module):
     default_lr = 1e-4
     default_max_steps = 10  # the paper's k
     default_layers: str | None = None  # None: the checkpoint's editable prefix (paper, CIFAR: layer3)
+    # False for an editor with its own procedure (`apply_edit`, the local one): no per-step updates to
+    # differentiate through, so editable training with it is first order.
+    differentiable = True
     beta_names: tuple[str, ...] = ()
     beta_defaults: tuple[float, ...] = ()
     frozen: tuple[str, ...] = ()  # parameters that stay fixed even when the editor is learnable

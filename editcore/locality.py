@@ -213,6 +213,7 @@ class LocalEditor(Editor):
     default_lr = 1.0
     default_max_steps = DEFAULT_MAX_STEPS
     default_layers = "layer3.0.conv1"
+    differentiable = False
 
     def __init__(self, lr: float | None = None, learnable: bool = False, energy: float = DEFAULT_ENERGY,
                  margin: float = DEFAULT_MARGIN, copies: int = DEFAULT_COPIES, anchors: torch.Tensor | None = None):

@@ -79,7 +79,7 @@ class TrainConfig:
         # An editor with its own procedure (the local one) edits without a graph: it trains first order,
         # theta_k = theta + (the edit's change, held fixed), and has nothing learnable.
         editor_class = EDITORS[c.editor]
-        own_procedure = c.editable and hasattr(editor_class, "apply_edit")
+        own_procedure = c.editable and not editor_class.differentiable
         if own_procedure:
             c.order, c.learnable_editor = "first", False
         c.editor_lr = c.editor_lr or (editor_class.default_lr if own_procedure else 1e-3)
@@ -196,7 +196,7 @@ def train_step(net, editable, editor, optimizer, x, y, edit_pool, config, gen) -
         with eval_mode(model):
             with torch.no_grad():
                 target = draw_edit_targets(model(x_edit), edit_pool.labels[i], config, gen)
-            if hasattr(editor, "apply_edit"):  # first order: the edit's change, held fixed, on the live weights
+            if not editor.differentiable:  # first order: the edit's change, held fixed, on the live weights
                 result = edit(editable, x_edit, target, editor, config.max_steps)
                 live = editable.base_params()
                 edited = {n: p + (result.params[n] - p).detach() for n, p in live.items()}
@@ -344,8 +344,7 @@ def train(
     params = list(model.parameters())
     if config.editable:
         # The local editor's anchors: training images (its subspace is recomputed every epoch).
-        own_procedure = hasattr(EDITORS[config.editor], "apply_edit")
-        anchors = {"anchors": train_set.images[:LOCAL_ANCHORS]} if own_procedure else {}
+        anchors = {} if EDITORS[config.editor].differentiable else {"anchors": train_set.images[:LOCAL_ANCHORS]}
         editor = init_editor if init_editor is not None and not resume else \
             create_editor(config.editor, lr=config.editor_lr, **anchors)
         if resume:
