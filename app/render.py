@@ -1,10 +1,17 @@
 """Turning editcore results into what the page shows: thumbnails, captions, the plot, HTML panels."""
 from __future__ import annotations
 
+import atexit
 import base64
+import hashlib
 import html
 import io
 import math
+import shutil
+import tempfile
+import threading
+from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,8 +23,8 @@ from editcore import CLASSES, BrowseItem, EditEntry, EditReport
 # (CSS below), so every CIFAR pixel stays a crisp square. Sending 128 px WebPs instead cost the server
 # ~3 ms per image, up to ~90 images per edit (docs/RELIABILITY.md).
 THUMB_SCALE = 1
-THUMB_FORMAT = "png"
 LARGE_SCALE = 8
+MAX_IMAGE_FILES = 50_000  # ~2 KB each; content-addressed, so only distinct images count
 MAX_FLIPS_SHOWN = 32
 PLOT_WIDTH, PLOT_HEIGHT = 600, 320
 PLOT_BOX = (56, 16, 32, 44)  # left, right, top, bottom margins around the axes
@@ -28,6 +35,51 @@ def upscale(image: torch.Tensor, scale: int = THUMB_SCALE) -> np.ndarray:
     """uint8 (3,H,W) -> uint8 (H*scale, W*scale, 3)."""
     pixels = image.permute(1, 2, 0).cpu().numpy()
     return np.ascontiguousarray(pixels.repeat(scale, axis=0).repeat(scale, axis=1))
+
+
+class ImageFiles:
+    """Each distinct image written once as a PNG file, named by its content, in one folder per process.
+
+    Handed numpy arrays, Gradio encodes, hashes and writes every gallery image on every call: ~1/3 of
+    the server's CPU per edit cycle (a page of 24 thumbnails plus the flip sets, after each edit and
+    undo). A file in a folder registered as static costs it a path check. The oldest files beyond
+    `most` are deleted (a page still showing one then shows a broken thumbnail until it refreshes)."""
+
+    def __init__(self, most: int = MAX_IMAGE_FILES):
+        self.most = most
+        self._folder: Path | None = None
+        self._paths: OrderedDict[str, str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def folder(self) -> Path:
+        with self._lock:
+            if self._folder is None:
+                self._folder = Path(tempfile.mkdtemp(prefix="editlab-images-"))
+                atexit.register(shutil.rmtree, self._folder, True)
+            return self._folder
+
+    def path(self, image: torch.Tensor, scale: int = THUMB_SCALE) -> str:
+        """The PNG file of a uint8 (3,H,W) image enlarged `scale` times (nearest neighbour)."""
+        pixels = image.detach().cpu().contiguous()
+        key = hashlib.blake2b(pixels.numpy().tobytes() + repr((tuple(pixels.shape), scale)).encode(),
+                              digest_size=16).hexdigest()
+        with self._lock:
+            if key in self._paths:
+                self._paths.move_to_end(key)
+                return self._paths[key]
+        path = self.folder / f"{key}.png"
+        partial = path.with_suffix(f".{threading.get_ident()}.part")
+        Image.fromarray(upscale(pixels, scale)).save(partial, format="PNG")
+        partial.replace(path)  # a reader never sees half a file
+        with self._lock:
+            self._paths[key] = str(path)
+            while len(self._paths) > self.most:
+                Path(self._paths.popitem(last=False)[1]).unlink(missing_ok=True)
+        return str(path)
+
+
+IMAGE_FILES = ImageFiles()
 
 
 def class_name(label: int) -> str:
@@ -43,17 +95,21 @@ def browse_caption(item: BrowseItem) -> str:
     return f"{CLASSES[item.label]} → {CLASSES[item.predicted]}"
 
 
-def gallery(items: list[BrowseItem]) -> list[tuple[np.ndarray, str]]:
-    return [(upscale(item.image), browse_caption(item)) for item in items]
+def gallery(items: list[BrowseItem]) -> list[tuple[str, str]]:
+    """(PNG file, caption) per browse item."""
+    return [(IMAGE_FILES.path(item.image), browse_caption(item)) for item in items]
+
+
+def large_image(image: torch.Tensor) -> str:
+    """The selected image's PNG file, enlarged for the page."""
+    return IMAGE_FILES.path(image, LARGE_SCALE)
 
 
 def flip_gallery(images: torch.Tensor, before: torch.Tensor, after: torch.Tensor,
-                 rows: list[int]) -> list[tuple[np.ndarray, str]]:
+                 rows: list[int]) -> list[tuple[str, str]]:
     """Held-out images whose prediction an edit changed, captioned 'before → after'."""
-    shown = []
-    for row in rows[:MAX_FLIPS_SHOWN]:
-        shown.append((upscale(images[row]), f"{CLASSES[int(before[row])]} → {CLASSES[int(after[row])]}"))
-    return shown
+    return [(IMAGE_FILES.path(images[row]), f"{CLASSES[int(before[row])]} → {CLASSES[int(after[row])]}")
+            for row in rows[:MAX_FLIPS_SHOWN]]
 
 
 def selection_info(source_label: str, index: int, label: int, topk: list[tuple[str, float]]) -> str:

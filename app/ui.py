@@ -93,7 +93,7 @@ class Handlers:
         predicted = CLASSES.index(topk[0][0])
         target = CLASSES[label] if label >= 0 else CLASSES[predicted]
         info = render.selection_info(self.lab.short_source_label(ref.source), ref.index, label, topk)
-        return render.upscale(image, render.LARGE_SCALE), info, dict(topk), target
+        return render.large_image(image), info, dict(topk), target
 
     def _flip_outputs(self, before, after, fixed, broken):
         heldout = self.lab.sources[SOURCE_TEST].images
@@ -336,8 +336,14 @@ def replay_summary(log: dict, reports, shared) -> tuple[str, dict]:
                             "reproduced": reproduced}
 
 
+_STATIC_FOLDERS: set[Path] = set()
+
+
 def build_demo(lab: Lab) -> gr.Blocks:
     handlers = Handlers(lab)
+    if render.IMAGE_FILES.folder not in _STATIC_FOLDERS:  # served as they are: no copy, hash or re-encode per call
+        gr.set_static_paths([render.IMAGE_FILES.folder])
+        _STATIC_FOLDERS.add(render.IMAGE_FILES.folder)
     model_choices = [(f"{name} — {lab.models[name].description.split(': ', 1)[1]}", name) for name in lab.models]
     first = lab.models[next(iter(lab.models))]
     heldout = lab.sources[SOURCE_TEST]
@@ -367,7 +373,7 @@ def build_demo(lab: Lab) -> gr.Blocks:
                     max_confidence = gr.Slider(0, 1, value=1, step=0.05, label="to")
                 browse_gallery = gr.Gallery(label="Click an image to inspect it · caption: true label → model's prediction",
                                             elem_id="browse-gallery", columns=6, height=560, allow_preview=False,
-                                            format=render.THUMB_FORMAT, object_fit="contain", interactive=False)
+                                            object_fit="contain", interactive=False)
                 with gr.Row():
                     prev_page = gr.Button("← Previous page", size="sm")
                     page_info = gr.Markdown(elem_id="page-info")
@@ -386,7 +392,6 @@ def build_demo(lab: Lab) -> gr.Blocks:
                 gr.Markdown("### 2 · Inspect and edit")
                 with gr.Row():
                     selected = gr.Image(label="Selected image", interactive=False, height=256, width=256,
-                                        format=render.THUMB_FORMAT,
                                         elem_id="selected-image", buttons=[])
                     with gr.Column():
                         info = gr.Markdown(elem_id="selected-info")
@@ -417,10 +422,10 @@ def build_demo(lab: Lab) -> gr.Blocks:
         with gr.Row():
             fixed_gallery = gr.Gallery(label="Flip set: held-out images this edit fixed (prediction before → after)",
                                        elem_id="fixed-gallery", columns=8, height=260, allow_preview=False,
-                                       format=render.THUMB_FORMAT, interactive=False)
+                                       interactive=False)
             broken_gallery = gr.Gallery(label="Flip set: held-out images this edit broke (prediction before → after)",
                                         elem_id="broken-gallery", columns=8, height=260, allow_preview=False,
-                                        format=render.THUMB_FORMAT, interactive=False)
+                                        interactive=False)
         with gr.Accordion("Report (JSON, as returned by the /apply_edit API)", open=False):
             report = gr.JSON(elem_id="report")
 

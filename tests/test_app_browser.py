@@ -57,6 +57,11 @@ def test_fix_a_misclassified_image_in_the_browser(served, tmp_path):
             page.goto(url)
             thumbnails = page.locator("#browse-gallery .thumbnail-item")
             thumbnails.first.wait_for()
+            # The thumbnails are files the app wrote once and Gradio serves as static: they must load.
+            page.wait_for_function("() => { const imgs = [...document.querySelectorAll('#browse-gallery img')];"
+                                   " return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth == 32); }")
+            page.wait_for_function("() => { const i = document.querySelector('#selected-image img');"
+                                   " return i && i.complete && i.naturalWidth == 256; }")
             info = page.locator("#selected-info")
             sync_api.expect(info).to_contain_text("misclassified")
             first_image = re.search(r"#(\d+)", info.inner_text()).group(1)

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 import pytest
+from PIL import Image
 
 from app import Handlers
 from app_support import make_lab
@@ -37,7 +38,7 @@ def test_page_load_select_apply_undo(handlers):
     # The page's defaults: the local editor on its one conv.
     assert model["value"] == "editable" and layers["value"] == "layer3.0.conv1" and lr["value"] == 1.0
     assert max_steps["value"] == EDITORS["local"].default_max_steps
-    assert image.shape == (256, 256, 3) and "misclassified" in info
+    assert Image.open(image).size == (256, 256) and "misclassified" in info
     assert len(gallery) == 24 and all("→" in caption for _, caption in gallery)  # misclassified only, by default
     assert report["edits"] == 0 and history == [] and fixed == [] and broken == []
     true_label = CLASSES[int(handlers.lab.sources["test"].labels[ws.selection.index])]
@@ -88,7 +89,7 @@ def test_an_upload_is_shown_selected_and_editable(handlers, tmp_path):
         handlers.upload([str(path)], r)
     assert (source, label, misclassified, low, high, sort) == ("uploads", "all", False, 0.0, 1.0, "index")
     assert len(gallery) == 1 and "Added 1 image" in message and "Upload #0" in info and "unlabelled" in info
-    assert image.shape == (256, 256, 3) and target in CLASSES
+    assert Image.open(image).size == (256, 256) and target in CLASSES
     new_target = next(c for c in CLASSES if c != target)
     assert handlers.apply_edit(new_target, "editable", "rmsprop", None, 50, "layer3", 0, r)[0]["images"] == ["uploads:0"]
 

@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from xml.etree import ElementTree
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from app import render
 
@@ -37,3 +41,16 @@ def test_value_ticks_are_round_and_inside_the_range(low, high):
     assert 2 <= len(ticks) <= 11 and all(low - 1e-9 <= t <= high + 1e-9 for t in ticks)
     steps = {round(b - a, 9) for a, b in zip(ticks, ticks[1:])}
     assert len(steps) == 1
+
+
+def test_image_files_are_written_once_per_distinct_image_and_decode_to_its_pixels():
+    files = render.ImageFiles(most=3)
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    first = files.path(images[0])
+    assert files.path(images[0].clone()) == first  # same pixels, same file
+    assert files.path(images[0], scale=8) != first and Image.open(files.path(images[0], scale=8)).size == (256, 256)
+    assert np.array_equal(np.asarray(Image.open(first)), images[0].permute(1, 2, 0).numpy())
+    paths = [files.path(image) for image in images[1:]]
+    assert len(set(paths)) == 4 and all(Path(p).exists() for p in paths[-3:])
+    assert not Path(first).exists()  # the least recently used beyond `most` are deleted
+    assert sorted(p.name for p in files.folder.iterdir()) == sorted(Path(p).name for p in paths[-3:])
