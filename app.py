@@ -48,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--nae", default=str(ASSETS / "cifar10_nae.npz"),
                         help="natural adversarial examples to browse, when the file exists")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--replicas", type=int, default=0,
+                        help="copies of each model, so that many edits run at once (default: CPU cores / threads)")
     return parser.parse_args(argv)
 
 
@@ -59,7 +61,9 @@ def main(argv=None) -> int:
     say = lambda *parts: print(*parts, file=sys.stderr, flush=True)  # noqa: E731
     try:
         checkpoints = checkpoint_names(args.checkpoint)
-        lab = Lab.load(checkpoints, data_root=args.data_root, device=args.device, nae_path=args.nae, log=say)
+        replicas = args.replicas or max(1, (os.cpu_count() or 1) // torch.get_num_threads())
+        lab = Lab.load(checkpoints, data_root=args.data_root, device=args.device, nae_path=args.nae, log=say,
+                       replicas=replicas)
     except (FileNotFoundError, DataError, ValueError) as exc:
         say(f"error: {exc}")
         return 2

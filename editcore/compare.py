@@ -45,7 +45,7 @@ def _run(title: str, detail: str, shared: SharedModel, fixer: Fixer, image: torc
     evaluator = shared.evaluator(shared.default_layers)
     labels = evaluator.labels
     views = views.to(shared.device)
-    with shared.lock:
+    with shared.replica(shared.primary):  # the fixers run the first replica's module
         result = fixer.fix(image[None].to(shared.device), torch.tensor([target], device=shared.device))
         before, after = evaluator.base_predictions, fixer.predict_heldout(result, evaluator)
         views_before = fixer.predict(None, views).tolist()

@@ -7,6 +7,7 @@ so the predicted classes are float32's. The library, the CLI and the app all use
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
@@ -70,6 +71,12 @@ class HeldOutEvaluator:
         self.mixed_precision = native_bfloat16(self.features.device) if mixed_precision is None else mixed_precision
         self.recomputed = 0  # rows the last `logits` call recomputed in float32
         self.base_predictions = self.predict()
+
+    def on(self, editable: EditableModel) -> "HeldOutEvaluator":
+        """The same evaluator (its cached features and base predictions shared) on a copy of the model."""
+        twin = copy.copy(self)
+        twin.editable, twin.recomputed = editable, 0
+        return twin
 
     @property
     def precision(self) -> str:

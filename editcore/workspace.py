@@ -88,9 +88,10 @@ class Lab:
 
     @classmethod
     def load(cls, checkpoints: list[tuple[str, Path]], data_root: str | Path | None = None, device: str | None = None,
-             nae_path: str | Path | None = None, log=print) -> "Lab":
+             nae_path: str | Path | None = None, log=print, replicas: int = 1) -> "Lab":
         """Load the test set (held-out set and first browse source), the NAE set when it exists,
-        and every checkpoint. A missing checkpoint is skipped with a note; none at all raises."""
+        and every checkpoint (`replicas` copies of each: edits that can run at once). A missing checkpoint
+        is skipped with a note; none at all raises."""
         device = pick_device(device)
         root = resolve_data_root(data_root)
         test = load_cifar10("test", root) if root is not None else load_sample()
@@ -108,7 +109,7 @@ class Lab:
                              "`python -m editcore train` (see the README) or pass --checkpoint.")
                 continue
             started = time.perf_counter()
-            models[name] = SharedModel(name, path, test, device)
+            models[name] = SharedModel(name, path, test, device, replicas=replicas)
             log(f"loaded {name} from {path}, held-out features for {len(test)} images in "
                 f"{time.perf_counter() - started:.1f} s")
         if not models:

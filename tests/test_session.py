@@ -497,3 +497,54 @@ def test_an_unreadable_upload_names_the_file_not_the_servers_path(tmp_path):
     with pytest.raises(ImageError) as refused:
         decode_image(path)
     assert "holiday.png" in str(refused.value) and str(path.parent) not in str(refused.value)
+
+
+def test_replicas_run_edits_at_once_with_the_results_of_one_at_a_time(lab):
+    """Two replicas are held by two threads at the same moment (nested calls reuse the one held), and
+    edits run on them concurrently equal the same edits run one after another on one replica."""
+    import threading
+
+    from editcore import EditSession, SharedModel
+
+    reference = lab.models["baseline"]
+    twins = SharedModel("twins", reference.path, lab.sources[SOURCE_TEST], replicas=2)
+    held, errors, together = [], [], threading.Barrier(2, timeout=60)
+
+    def hold():
+        try:
+            with twins.replica() as replica, twins.replica() as again:
+                assert again is replica
+                held.append(replica)
+                together.wait()
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=hold) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and sorted(map(id, held)) == sorted(map(id, twins.replicas))
+
+    test = lab.sources[SOURCE_TEST]
+    plans = [(row, (int(test.labels[row]) + 1) % len(CLASSES), settings)
+             for row, settings in ((3, EditSettings(editor="local")),
+                                   (4, EditSettings(editor="rmsprop", lr=1e-3, max_steps=20, layers="layer3")))]
+
+    def run(shared, row, target, settings, out):
+        session = EditSession(shared)
+        report = session.apply(test.images[row], [target], settings, [ImageRef(SOURCE_TEST, row)])
+        out[row] = (report.applied, session.params, session.heldout_probs)
+
+    concurrent, sequential = {}, {}
+    threads = [threading.Thread(target=run, args=(twins, *plan, concurrent)) for plan in plans]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for plan in plans:
+        run(reference, *plan, sequential)
+    for row, (applied, params, probs) in sequential.items():
+        twin_applied, twin_params, twin_probs = concurrent[row]
+        assert applied and twin_applied and torch.equal(probs, twin_probs)
+        assert params.keys() == twin_params.keys() and all(torch.equal(params[k], twin_params[k]) for k in params)
