@@ -42,9 +42,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_app(checkpoints: list[str], data_root: str | None, log_path: Path) -> tuple[subprocess.Popen, str]:
+def start_app(checkpoints: list[str], data_root: str | None, log_path: Path,
+              app_args: list[str] = ()) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    command = [sys.executable, str(ROOT / "app.py"), "--port", str(port)]
+    command = [sys.executable, str(ROOT / "app.py"), "--port", str(port), *app_args]
     for checkpoint in checkpoints:
         command += ["--checkpoint", checkpoint]
     env = {**os.environ}

@@ -1,12 +1,14 @@
 """Many users at once: concurrent gradio_client sessions against `python app.py` on 127.0.0.1.
 
-    .venv/bin/python bench/load.py [--clients 1 4 8 16 32] [--cycles 5] [--long-edits 200] [--no-write]
+    .venv/bin/python bench/load.py [--clients 1 4 8 16 32] [--cycles 5] [--long-edits 200] [--app-args "--threads 1"]
+        [--no-write]
 
 Starts the app in a subprocess on a free loopback port (embedded 1,000-image sample, shipped checkpoints).
 For each client count, that many clients start together; each runs `--cycles` cycles of
 /select_image -> /apply_edit -> /history -> /undo on its own images (the page's default
 edit: editable model, the local editor with its own steps and layer; targets: the true label of a
-misclassified image, or the runner-up class of a correct one), then keeps one last edit. Measured: /apply_edit
+misclassified image, or the runner-up class of a correct one), then keeps one last edit; each client's calls
+go through one kept-alive HTTP connection (`Caller`). Measured: /apply_edit
 wall time (p50, p95), errors, and isolation: every /history holds exactly the client's own edit, and
 each client's final top-5 on its probe images equals what one quiet client gets by replaying that
 client's edit log (/export_log -> /replay_log). Server CPU is the app process's user + system time
@@ -18,6 +20,7 @@ section of docs/RELIABILITY.md.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shlex
@@ -55,6 +58,39 @@ def new_client(url: str):
     return Client(url, verbose=False, download_files=False)
 
 
+class Caller:
+    """Calls the API with one kept-alive HTTP connection per user: POST /gradio_api/call/<name>, then read
+    its event stream. gradio_client opens a new HTTP client (and TLS context) per call, ~0.5 CPU-s per
+    cycle on this machine, a third of the two cores the server needs; a browser elsewhere costs the server
+    nothing of the kind. The gradio_client session stays open for its heartbeat and its session id."""
+
+    def __init__(self, client):
+        import httpx
+
+        self.client, self.base = client, client.src.rstrip("/") + "/gradio_api/call/"
+        self.http = httpx.Client(timeout=CALL_TIMEOUT_S)
+
+    def predict(self, *args, api_name: str):
+        name = api_name.lstrip("/")
+        posted = self.http.post(self.base + name, json={"data": list(args), "session_hash": self.client.session_hash})
+        posted.raise_for_status()
+        event, data = None, None
+        with self.http.stream("GET", f"{self.base}{name}/{posted.json()['event_id']}") as stream:
+            for line in stream.iter_lines():
+                if line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:") and event in ("complete", "error"):
+                    data = json.loads(line[5:])
+                    break
+        if event != "complete":
+            raise RuntimeError(f"/{name} failed: {data}")
+        return data[0] if len(data) == 1 else data
+
+    def close(self):
+        self.http.close()
+        self.client.close()
+
+
 def top5(client, index: int) -> list:
     label = client.predict("test", index, api_name="/select_image")[2]
     return [(c["label"], c["confidence"]) for c in label["confidences"]]
@@ -85,7 +121,7 @@ def run_client(url: str, images: list[tuple[int, str]], cycles: int, start: thre
     out.update(apply_s=[], errors=[], isolated=True)
     client = None
     try:
-        client = new_client(url)
+        client = Caller(new_client(url))
         start.wait(timeout=CALL_TIMEOUT_S)
         for index, target in images[:cycles]:
             client.predict("test", index, api_name="/select_image")
@@ -138,19 +174,21 @@ def load_round(url: str, pid: int, n_clients: int, cycles: int, images: list[tup
                                 args=(url, [images[(c * span + k) % len(images)] for k in range(span)], cycles, start,
                                       results[c]))
                for c in range(n_clients)]
-    cpu_before, wall_before = cpu_seconds(pid), time.perf_counter()
+    cpu_before, clients_before, wall_before = cpu_seconds(pid), cpu_seconds(os.getpid()), time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=CALL_TIMEOUT_S * 4 * (cycles + 4))
     wall, cpu = time.perf_counter() - wall_before, cpu_seconds(pid) - cpu_before
+    clients_cpu = cpu_seconds(os.getpid()) - clients_before
     apply_s = [s for r in results for s in r.get("apply_s", [])]
     errors = [e for r in results for e in r.get("errors", ["client did not finish"])]
     return {"clients": n_clients, "apply_p50": statistics.median(apply_s) if apply_s else float("nan"),
             "apply_p95": pct(apply_s, 0.95) if apply_s else float("nan"), "n_apply": len(apply_s),
             "errors": errors, "isolated": sum(r.get("isolated", False) and "final" in r for r in results),
             "replayed": replay_matches(url, results), "wall": wall,
-            "cpu_per_cycle": cpu / (n_clients * (cycles + 1))}
+            "cpu_per_cycle": cpu / (n_clients * (cycles + 1)),
+            "clients_cpu_per_cycle": clients_cpu / (n_clients * (cycles + 1))}
 
 
 def per_call_cpu(url: str, pid: int, images: list[tuple[int, str]], repeats: int = 5) -> dict[str, float]:
@@ -191,12 +229,13 @@ def main() -> int:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16, 32])
     parser.add_argument("--cycles", type=int, default=5)
     parser.add_argument("--long-edits", type=int, default=200)
+    parser.add_argument("--app-args", default="", help="extra app.py arguments, e.g. '--threads 1'")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/RELIABILITY.md alone")
     args = parser.parse_args()
 
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as folder:
-        process, url = start_app([], None, Path(folder) / "app.log")
+        process, url = start_app([], None, Path(folder) / "app.log", shlex.split(args.app_args))
         try:
             pid = process.pid
             images = edit_plan()
@@ -221,7 +260,8 @@ def main() -> int:
         f"Command: `.venv/bin/python {shlex.join(['bench/load.py', *sys.argv[1:]])}`",
         "",
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.machine()}, {os.cpu_count()} "
-        f"CPU cores, Python {platform.python_version()}; `python app.py` with its defaults (shipped checkpoints, "
+        f"CPU cores, Python {platform.python_version()}; `{shlex.join(['python', 'app.py', *shlex.split(args.app_args)])}` "
+        f"(shipped checkpoints, "
         f"embedded 1,000-image sample, 127.0.0.1). Load average (1, 5, 15 min) before "
         f"{', '.join(f'{v:.1f}' for v in load_before)}, after {', '.join(f'{v:.1f}' for v in load_after)}"
         f"{': other processes shared the cores, so wall times are inflated' if max(load_before[0], load_after[0]) > 1 else ''}.",
