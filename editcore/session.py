@@ -130,25 +130,16 @@ class Replica:
     """One copy of a shared model, used by one thread at a time: its module, the editable views of it
     and the held-out evaluators on it (their cached features shared with the first replica's)."""
 
-    def __init__(self, model: torch.nn.Module, first: "Replica | None" = None):
-        self.model, self.first = model, first
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
         self.lock = threading.Lock()
+        self.evaluators: dict[str, HeldOutEvaluator] = {}
         self._editables: dict[str, EditableModel] = {}
-        self._evaluators: dict[str, HeldOutEvaluator] = {}
 
     def editable(self, layers: str) -> EditableModel:
         if layers not in self._editables:
             self._editables[layers] = EditableModel(self.model, layers)
         return self._editables[layers]
-
-    def evaluator(self, layers: str, build: Callable[[EditableModel], HeldOutEvaluator]) -> HeldOutEvaluator:
-        if layers not in self._evaluators:
-            if self.first is None:
-                self._evaluators[layers] = build(self.editable(layers))
-            else:
-                with self.first.lock:
-                    self._evaluators[layers] = self.first.evaluator(layers, build).on(self.editable(layers))
-        return self._evaluators[layers]
 
 
 class SharedModel:
@@ -172,12 +163,10 @@ class SharedModel:
         self.layer_choices = tuple(dict.fromkeys([*self.model.stage_names[1:], self.default_layers, *own]))
         self.heldout = heldout.to(self.device)
         self.primary = Replica(self.model)
-        self.replicas = [self.primary] + [Replica(copy.deepcopy(self.model), self.primary)
-                                          for _ in range(max(1, replicas) - 1)]
+        self.replicas = [self.primary] + [Replica(copy.deepcopy(self.model)) for _ in range(max(1, replicas) - 1)]
         self._free = threading.Condition()
         self._held = threading.local()
         self._source_probs: dict[str, torch.Tensor] = {}
-        self._source_lock = threading.Lock()
         self.base_heldout_probs = self.heldout_probabilities(self.default_layers, None)
 
     @contextlib.contextmanager
@@ -233,23 +222,31 @@ class SharedModel:
         with self.replica(self.primary) as replica:
             return replica.editable(layers)
 
-    def _build_evaluator(self, editable: EditableModel) -> HeldOutEvaluator:
-        return HeldOutEvaluator(editable, self.heldout.images, self.heldout.labels, EVAL_BATCH, self.mixed_precision)
-
     def evaluator(self, layers: str) -> HeldOutEvaluator:
         """The first replica's held-out evaluator whose cache sits at these layers' first stage (built on
         first use)."""
-        built = self.primary._evaluators.get(layers)
+        built = self.primary.evaluators.get(layers)
         if built is not None:
             return built
-        with self.replica(self.primary) as replica:
-            return replica.evaluator(layers, self._build_evaluator)
+        with self.replica(self.primary) as primary:
+            if layers not in primary.evaluators:
+                primary.evaluators[layers] = HeldOutEvaluator(primary.editable(layers), self.heldout.images,
+                                                              self.heldout.labels, EVAL_BATCH, self.mixed_precision)
+            return primary.evaluators[layers]
+
+    def _evaluator_on(self, replica: Replica, layers: str) -> HeldOutEvaluator:
+        """`replica`'s evaluator: the first replica's on its own module (cached features computed once)."""
+        if replica is self.primary:
+            return self.evaluator(layers)
+        if layers not in replica.evaluators:
+            replica.evaluators[layers] = self.evaluator(layers).on(replica.editable(layers))
+        return replica.evaluators[layers]
 
     def heldout_logits(self, layers: str, params: Params | None) -> torch.Tensor:
         """Logits (N, classes) on the held-out set from the cached features; with `mixed_precision`,
         bfloat16 except for the rows whose prediction float32 has to settle (HeldOutEvaluator.logits)."""
         with self.replica() as replica:
-            return replica.evaluator(layers, self._build_evaluator).logits(params)
+            return self._evaluator_on(replica, layers).logits(params)
 
     def heldout_probabilities(self, layers: str, params: Params | None) -> torch.Tensor:
         """Class probabilities (N, classes) on the held-out set (CPU); argmax = float32's prediction."""
@@ -264,11 +261,11 @@ class SharedModel:
             return torch.softmax(full_logits(replica.model, images.to(self.device), params, EVAL_BATCH), 1).cpu()
 
     def base_source_probabilities(self, key: str, images: torch.Tensor) -> torch.Tensor:
-        """Base-model probabilities of a fixed browse source, computed once for all sessions."""
-        with self._source_lock:
-            if key not in self._source_probs:
-                self._source_probs[key] = self.probabilities(images)
-            return self._source_probs[key]
+        """Base-model probabilities of a fixed browse source, computed once for all sessions (two first
+        callers at once may both compute it: the same numbers, and no lock held while waiting for a replica)."""
+        if key not in self._source_probs:
+            self._source_probs.setdefault(key, self.probabilities(images))
+        return self._source_probs[key]
 
     def edited_state_dict(self, params: Params) -> dict[str, torch.Tensor]:
         with self.replica(self.primary):
