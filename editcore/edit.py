@@ -52,8 +52,11 @@ def eval_mode(model: nn.Module):
 class EditableModel:
     """A base model, the names of its editable parameters, and the stage where they begin."""
 
-    def __init__(self, model: StagedNet, prefixes: str | Sequence[str]):
+    def __init__(self, model: StagedNet, prefixes: str | Sequence[str], cache: dict | None = None):
         self.model = model
+        # What depends only on the base weights (the local editor's anchor subspace): copies of one model
+        # pass the same dict, so it is computed once.
+        self.cache = {} if cache is None else cache
         self.prefixes = prefixes if isinstance(prefixes, str) else ",".join(prefixes)
         self.names = editable_names(model, self.prefixes)
         self.split = model.first_stage_of(self.names)

@@ -228,11 +228,11 @@ class LocalEditor(Editor):
         return {"lr": float(self.lr.detach()), "energy": self.energy, "margin": self.margin, "copies": self.copies}
 
     def subspace(self, editable: EditableModel) -> AnchorSubspace:
-        """The anchor subspace for `editable`: with the shipped anchors, computed once per EditableModel
-        (editors are made per edit, models live on); with anchors of the caller's, once per editor."""
-        owner = editable.__dict__ if self.anchors is None else self.__dict__
-        cache = owner.setdefault("_anchor_subspaces", {})
-        key = (id(editable), self.energy)
+        """The anchor subspace for `editable`: with the shipped anchors, computed once per base model
+        (`editable.cache`; editors are made per edit, models live on); with anchors of the caller's, once
+        per editor."""
+        cache = (editable.cache if self.anchors is None else self.__dict__).setdefault("_anchor_subspaces", {})
+        key = (editable.prefixes, self.energy) if self.anchors is None else (id(editable), self.energy)
         if key not in cache:
             device = next(editable.model.parameters()).device
             anchors = self.anchors if self.anchors is not None else load_train_sample().images
@@ -242,7 +242,7 @@ class LocalEditor(Editor):
     def weights_changed(self, editable: EditableModel) -> None:
         """Training moved the weights, so the anchors' inputs to the edited layer moved: recompute the
         subspace on next use."""
-        for owner in (editable.__dict__, self.__dict__):
+        for owner in (editable.cache, self.__dict__):
             owner.pop("_anchor_subspaces", None)
 
     def apply_edit(self, editable: EditableModel, inputs: torch.Tensor, targets: torch.Tensor, max_steps: int,

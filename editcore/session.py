@@ -132,14 +132,8 @@ class Replica:
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
-        self.lock = threading.Lock()
+        self.editables: dict[str, EditableModel] = {}
         self.evaluators: dict[str, HeldOutEvaluator] = {}
-        self._editables: dict[str, EditableModel] = {}
-
-    def editable(self, layers: str) -> EditableModel:
-        if layers not in self._editables:
-            self._editables[layers] = EditableModel(self.model, layers)
-        return self._editables[layers]
 
 
 class SharedModel:
@@ -164,6 +158,7 @@ class SharedModel:
         self.heldout = heldout.to(self.device)
         self.primary = Replica(self.model)
         self.replicas = [self.primary] + [Replica(copy.deepcopy(self.model)) for _ in range(max(1, replicas) - 1)]
+        self._busy: set[Replica] = set()  # the replicas some thread holds
         self._free = threading.Condition()
         self._held = threading.local()
         self._source_probs: dict[str, torch.Tensor] = {}
@@ -177,19 +172,17 @@ class SharedModel:
             yield held
             return
         with self._free:
-            while True:
-                candidates = [which] if which is not None else self.replicas
-                chosen = next((r for r in candidates if r.lock.acquire(blocking=False)), None)
-                if chosen is not None:
-                    break
+            candidates = [which] if which is not None else self.replicas
+            while (chosen := next((r for r in candidates if r not in self._busy), None)) is None:
                 self._free.wait()
+            self._busy.add(chosen)
         self._held.replica = chosen
         try:
             yield chosen
         finally:
             self._held.replica = held
-            chosen.lock.release()
             with self._free:
+                self._busy.discard(chosen)
                 self._free.notify_all()
 
     @property
@@ -214,13 +207,18 @@ class SharedModel:
     def make_editor(self, name: str, lr: float) -> Editor:
         return create_editor(name, lr=lr).to(self.device)
 
-    def editable(self, layers: str) -> EditableModel:
-        """The first replica's editable view (its names and base values; run it only while holding it)."""
-        built = self.primary._editables.get(layers)
+    def editable(self, layers: str, replica: Replica | None = None) -> EditableModel:
+        """`replica`'s editable view (default: the first replica's; run it only while holding it). The
+        copies share the first's `cache`: what depends on the base weights is computed once."""
+        replica = replica or self.primary
+        built = replica.editables.get(layers)
         if built is not None:
             return built
-        with self.replica(self.primary) as replica:
-            return replica.editable(layers)
+        if replica is not self.primary:
+            twin = EditableModel(replica.model, layers, cache=self.editable(layers).cache)
+            return replica.editables.setdefault(layers, twin)
+        with self.replica(self.primary):  # reading its parameters while another thread swaps them would not do
+            return self.primary.editables.setdefault(layers, EditableModel(self.model, layers))
 
     def evaluator(self, layers: str) -> HeldOutEvaluator:
         """The first replica's held-out evaluator whose cache sits at these layers' first stage (built on
@@ -230,7 +228,7 @@ class SharedModel:
             return built
         with self.replica(self.primary) as primary:
             if layers not in primary.evaluators:
-                primary.evaluators[layers] = HeldOutEvaluator(primary.editable(layers), self.heldout.images,
+                primary.evaluators[layers] = HeldOutEvaluator(self.editable(layers), self.heldout.images,
                                                               self.heldout.labels, EVAL_BATCH, self.mixed_precision)
             return primary.evaluators[layers]
 
@@ -239,7 +237,7 @@ class SharedModel:
         if replica is self.primary:
             return self.evaluator(layers)
         if layers not in replica.evaluators:
-            replica.evaluators[layers] = self.evaluator(layers).on(replica.editable(layers))
+            replica.evaluators[layers] = self.evaluator(layers).on(self.editable(layers, replica))
         return replica.evaluators[layers]
 
     def heldout_logits(self, layers: str, params: Params | None) -> torch.Tensor:
@@ -474,7 +472,7 @@ class EditSession:
         target_tensor = torch.tensor(targets, device=device)
         views = augmented_views(images[0])
         with shared.replica() as replica:
-            editable = replica.editable(settings.layers)
+            editable = shared.editable(settings.layers, replica)
             progress(0.0, f"editing ({settings.editor}, up to {settings.max_steps} steps)")
             start_params = self.params or editable.frozen_base_params()
             result = edit(editable, normalize(images.to(device)), target_tensor, editor, settings.max_steps,
