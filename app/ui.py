@@ -336,14 +336,15 @@ def replay_summary(log: dict, reports, shared) -> tuple[str, dict]:
                             "reproduced": reproduced}
 
 
-_STATIC_FOLDERS: set[Path] = set()
+@functools.cache
+def _serve_image_files() -> None:
+    """Once per process (Gradio's static paths are global): served as they are, no copy, hash or re-encode."""
+    gr.set_static_paths([render.IMAGE_FILES.folder])
 
 
 def build_demo(lab: Lab) -> gr.Blocks:
     handlers = Handlers(lab)
-    if render.IMAGE_FILES.folder not in _STATIC_FOLDERS:  # served as they are: no copy, hash or re-encode per call
-        gr.set_static_paths([render.IMAGE_FILES.folder])
-        _STATIC_FOLDERS.add(render.IMAGE_FILES.folder)
+    _serve_image_files()
     model_choices = [(f"{name} — {lab.models[name].description.split(': ', 1)[1]}", name) for name in lab.models]
     first = lab.models[next(iter(lab.models))]
     heldout = lab.sources[SOURCE_TEST]

@@ -146,13 +146,16 @@ def main() -> int:
           f"process {steps_differ} of {large} records differ in steps; load average after: {load_after}")
 
     command = ("python bench/protocol_speed.py " + shlex.join(sys.argv[1:])).strip()
+    # The load before the run is other jobs'; after it, it is mostly this run's own processes.
+    shared_note = (" (other jobs shared the cores: wall times are inflated, ratios come from this one run)"
+                   if float(load_before.split(",")[0]) > 1 else "")
     engine_table = "\n".join(f"| {name} | {wall:.2f} s | {cpu:.2f} s | {base_cpu / cpu:.2f}x |" for name, wall, cpu in engine_rows)
     text = f"""## protocol
 
 Command: `{command}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})
 Machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}, device cpu;
 native bfloat16 (`editcore.metrics.native_bfloat16`): **{bf16}**. Load average (1, 5, 15 min) before: {load_before};
-after: {load_after} (other jobs shared the cores: wall times are inflated, ratios come from this one run).
+after: {load_after}{shared_note}.
 Model: {shown(CHECKPOINT)}; held-out: the CIFAR-10 test split ({runs[1, large]['n_heldout']} images).
 
 Marginal cost per edit of `python -m editcore evaluate-edits` with its defaults (the local editor, targets among the other classes;
