@@ -9,7 +9,9 @@ Every method sees the same seeded edits. Held-out images never include an edited
 edits come from test 1000-9999 and the held-out set is the pixel-exact test 0-999 (`--heldout full`:
 all 10,000 test images, each edit scored without the images it edited); without one, both come from
 the embedded sample and each edit is scored without its own image. Corrections are drawn from images
-that every `--checkpoint` (or `--corrections-of`) gets wrong, so models are compared on the same corrections.
+that every `--checkpoint` (or `--corrections-of`) gets wrong, so models are compared on the same corrections;
+a model scored on other models' corrections may already get some right (no step, no drop): the summary
+counts those (`already`) and gives the mean drop over the others (`drop_needed`).
 
     python bench/locality.py --data-root ../shared/data/cifar10 --protocols R C S20 --n 100 \\
         --method rmsprop@layer3 --method local@layer3.0.conv1
@@ -139,7 +141,12 @@ def session(runner: Runner, heldout: HeldOutEvaluator, indices, edits: ImageSet,
 
 
 def summarize(records: list[dict]) -> dict:
+    """Means over the edits. `already`: edits the model needed no step for (it already predicted the
+    target: with corrections drawn from other models' mistakes, a model may not share them); `drop_needed`:
+    the mean drop over the others, the edits that changed the model."""
+    needed = [r["drop"] for r in records if r["steps"] > 0]
     return {"n": len(records), "drop": statistics.mean(r["drop"] for r in records),
+            "already": len(records) - len(needed), "drop_needed": statistics.mean(needed) if needed else None,
             "success_rate": statistics.mean(float(r["success"]) for r in records),
             "steps": statistics.mean(r["steps"] for r in records),
             "edit_ms_median": 1000 * statistics.median(r["seconds"] for r in records),
@@ -215,7 +222,11 @@ def format_row(row: dict, protocols) -> str:
     for protocol in protocols:
         value = row.get(protocol)
         if isinstance(value, dict):
-            parts.append(f"{protocol}: drop {value['drop']:5.2f} succ {value['success_rate']:.2f} "
+            needed = ""
+            if value.get("already"):  # the mean drop over the edits that took a step
+                needed = (f" ({value['drop_needed']:.2f} over the {value['n'] - value['already']} that took a step)"
+                          if value["drop_needed"] is not None else " (all already at the target)")
+            parts.append(f"{protocol}: drop {value['drop']:5.2f}{needed} succ {value['success_rate']:.2f} "
                          f"steps {value['steps']:.1f} gen {value['generalization']:+.2f} {value['edit_ms_median']:.0f}ms")
         elif isinstance(value, list):
             drops = [s["final_drop"] for s in value]
