@@ -97,17 +97,24 @@ def accuracy_figure(results: list[dict], series: dict[str, dict[str, float]], al
     drops = {row["model"]: row["R"]["drop"] for row in results
              if not row["method"].startswith("local") and isinstance(row.get("R"), dict)}
     fig, ax = plt.subplots(figsize=(5.6, 4))
-    groups = [(label, sorted(epochs, key=epochs.get)) for label, epochs in series.items()] + [(name, [name]) for name in also]
-    for color, (label, names) in enumerate(groups):
-        points = [(card_accuracy(name, folders), drops[name]) for name in names if name in drops]
+    groups = [(label, sorted(epochs, key=epochs.get), epochs) for label, epochs in series.items()]
+    groups += [(name, [name], {}) for name in also]
+    for color, (label, names, epochs) in enumerate(groups):
+        points = [(card_accuracy(name, folders), drops[name], epochs.get(name)) for name in names if name in drops]
         if not points:
             raise SystemExit(f"no RMSProp R result for {names}")
-        xs, ys = zip(*points)
-        ax.plot(xs, ys, marker="o", color=f"C{color}", linestyle="-" if len(points) > 1 else "none", label=label)
-        print(f"{label:<12} R vs accuracy: " + ", ".join(f"{x:.1f}% {y:.2f}" for x, y in points))
+        xs, ys, es = zip(*points)
+        ax.plot(xs, ys, marker="o", color=f"C{color}", linestyle="-" if len(points) > 1 else "none", label=label,
+                linewidth=0.8)
+        for x, y, e in points:
+            if e:  # the epoch beside each point of a series
+                ax.annotate(f"{e:g}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7, color=f"C{color}")
+        print(f"{label:<12} R vs accuracy: " + ", ".join(f"{x:.1f}% {y:.2f}" for x, y in zip(xs, ys)))
     if baseline:
         r_max, accuracy_min = drops[baseline] / 3, card_accuracy(baseline, folders) - 1
-        ax.axhspan(0, r_max, xmin=0, xmax=1, color="C2", alpha=0.08)
+        limits = ax.get_xlim()
+        ax.fill_between([accuracy_min, max(limits)], 0, r_max, color="C2", alpha=0.1, linewidth=0)
+        ax.set_xlim(limits)
         ax.axhline(r_max, color="C2", linestyle=":")
         ax.axvline(accuracy_min, color="C2", linestyle=":")
         ax.annotate(f"target: R <= {r_max:.2f}, accuracy >= {accuracy_min:.1f}%", (accuracy_min, r_max),
