@@ -95,7 +95,7 @@ def accuracy_figure(results: list[dict], series: dict[str, dict[str, float]], al
     """RMSProp R drop against exact 0-999 accuracy: one line per series (in epoch order), lone points for `also`,
     and with `baseline` the issue's target region: R <= 1/3 of the baseline's, accuracy within 1 point of it."""
     drops = {row["model"]: row["R"]["drop"] for row in results
-             if not row["method"].startswith("local") and isinstance(row.get("R"), dict)}
+             if row["method"].startswith("rmsprop") and isinstance(row.get("R"), dict)}
     fig, ax = plt.subplots(figsize=(5.6, 4))
     groups = [(label, sorted(epochs, key=epochs.get), epochs) for label, epochs in series.items()]
     groups += [(name, [name], {}) for name in also]
