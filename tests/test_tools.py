@@ -1,13 +1,16 @@
-"""tools/drawdown_curve.py: which numbers it plots, from locality runs and model cards."""
+"""tools/: which numbers drawdown_curve.py plots (from locality runs and model cards); the GPU run script on CPU."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
 import drawdown_curve  # noqa: E402
 
 
@@ -63,3 +66,30 @@ def test_a_model_without_a_card_or_a_series_without_pairs_is_refused(run, tmp_pa
         drawdown_curve.main()
     with pytest.raises(SystemExit, match="NAME=EPOCHS"):
         drawdown_curve.parse_series([["A"]])
+
+
+
+def test_gpu_paper_recipe_script_returns_states_and_checkpoints_and_resumes(tmp_path):
+    """tools/gpu_paper_recipe.sh on CPU and the embedded sample: both runs' checkpoints (cards with the paper's
+    outer recipe), states and logs come back in $OUT, and a second call resumes from the carried states."""
+    env = {k: v for k, v in os.environ.items() if k != "EDITLAB_DATA"}
+    env.update(DEVICE="cpu", BUDGET="300", PYTHON=sys.executable, STATE_DIR=str(tmp_path / "carried"),
+               START="--train-subset 256 --epochs 1 --val-size 64 --val-edits 2")
+    names, logs = ("paper_editable", "paper_baseline"), {}
+    for call in ("first", "second"):
+        out = tmp_path / call
+        out.mkdir()
+        proc = subprocess.run(["bash", "tools/gpu_paper_recipe.sh"], cwd=ROOT, env={**env, "OUT": str(out)},
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        for name in names:
+            assert (out / f"{name}.state.safetensors").is_file()
+            config = json.loads((out / f"{name}.json").read_text())["train_config"]
+            assert (config["optimizer"], config["lr"], config["clip_grad_norm"], config["weight_decay"],
+                    config["schedule"]) == ("adam", 1e-3, 10.0, 0.0, "constant")
+            assert config["editable"] == (name == "paper_editable")
+            logs[call, name] = (out / f"{name}.log").read_text()
+    assert json.loads((tmp_path / "second" / "paper_editable.json").read_text())["train_config"]["editor"] == "rmsprop-paper"
+    for name in names:
+        assert "\ntraining resnet20" in logs["first", name]  # started afresh
+        assert "\ntraining resnet20" not in logs["second", name] and "\nresuming resnet20" in logs["second", name]
