@@ -206,21 +206,27 @@ def per_call_cpu(url: str, pid: int, images: list[tuple[int, str]], repeats: int
 
 def long_session(url: str, pid: int, n_edits: int, images: list[tuple[int, str]]) -> dict:
     """One session applying `n_edits` edits in a row, keeping them: apply time at the start and the end."""
-    client, times, kept = new_client(url), [], 0
+    client, kept = new_client(url), 0
+    series = {"round trip": [], "edit": [], "re-evaluation": [], "steps": []}  # the report's own timings
     rss_before = rss_mb(pid)
     for k in range(n_edits):
         index, target = images[k % len(images)]
         client.predict("test", index, api_name="/select_image")
         started = time.perf_counter()
         report = client.predict(target, *EDIT, api_name="/apply_edit")[0]
-        times.append(time.perf_counter() - started)
+        series["round trip"].append(time.perf_counter() - started)
+        series["edit"].append(report["seconds"])
+        series["re-evaluation"].append(report["evaluation_seconds"])
+        series["steps"].append(report["steps"])
         kept += report["applied"]
     edits = len(client.predict(api_name="/history"))
     rss_full = rss_mb(pid)
     client.close()
     window = max(1, min(10, n_edits // 4))
-    return {"n": n_edits, "kept": kept, "edits": edits, "first_p50": statistics.median(times[:window]),
-            "last_p50": statistics.median(times[-window:]), "window": window, "rss_before": rss_before,
+    ends = {name: (statistics.median(values[:window]), statistics.median(values[-window:]))
+            for name, values in series.items()}
+    return {"n": n_edits, "kept": kept, "edits": edits, "first_p50": ends["round trip"][0],
+            "last_p50": ends["round trip"][1], "ends": ends, "window": window, "rss_before": rss_before,
             "rss_full": rss_full, "rss_after": settle_rss(pid)}
 
 
@@ -289,7 +295,10 @@ def main() -> int:
         lines += ["", f"One session, {long['n']} edits in a row, none undone ({long['kept']} kept, "
                   f"/history {long['edits']}): /apply_edit p50 {long['first_p50']:.2f} s over the first "
                   f"{long['window']}, {long['last_p50']:.2f} s over the last {long['window']} "
-                  f"(ratio {long['last_p50'] / long['first_p50']:.2f}); RSS {long['rss_before']:.0f} MB before, "
+                  f"(ratio {long['last_p50'] / long['first_p50']:.2f}; medians first -> last: "
+                  + ", ".join(f"{name} {a:.3g} -> {b:.3g}{'' if name == 'steps' else ' s'}"
+                            for name, (a, b) in long["ends"].items() if name != "round trip")
+                  + f"); RSS {long['rss_before']:.0f} MB before, "
                   f"{long['rss_full']:.0f} MB with all edits held, {long['rss_after']:.0f} MB after the client left."]
     text = "\n".join(lines) + "\n"
     print(text)
