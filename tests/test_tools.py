@@ -68,7 +68,6 @@ def test_a_model_without_a_card_or_a_series_without_pairs_is_refused(run, tmp_pa
         drawdown_curve.parse_series([["A"]])
 
 
-
 def test_gpu_paper_recipe_script_returns_states_and_checkpoints_and_resumes(tmp_path):
     """tools/gpu_paper_recipe.sh on CPU and the embedded sample: both runs' checkpoints (cards with the paper's
     outer recipe), states and logs come back in $OUT, and a second call resumes from the carried states."""
