@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Issue 20 on this CPU: the paper's editable training from scratch (`--recipe paper`) and a baseline trained
+# from scratch with the same outer recipe, in the background, resumable across sessions and machines.
+#
+# Each run lives in runs/NAME/. Its resumable state, runs/NAME/state.safetensors (+ state.json), is the one
+# file git tracks there: commit it before a session stops (`save`) and the next session, on any machine,
+# resumes from it (`start`). Not tracked: train.log, and epN.state.safetensors, the state as each epoch
+# ended (for scoring: `train --resume runs/NAME/epN.state.safetensors --checkpoint-from-state --latest`).
+# Remove runs/NAME once the run has finished and its checkpoint ships in assets/.
+#
+#   tools/paper_runs.sh start NAME...   start (or resume) each run on THREADS torch threads (default 1)
+#   tools/paper_runs.sh status          each run's progress and whether it is running
+#   tools/paper_runs.sh save            git add each run's latest state (then commit it)
+#   tools/paper_runs.sh stop            stop every run (its state keeps the last EVERY steps' work)
+# Runs: editable (the paper's recipe, edits on the architecture's default layer3), baseline (same outer
+# recipe, no edit terms), editable_layer2 / baseline_layer2 (edits and their scoring on layer2).
+cd "$(dirname "$0")/.."
+DATA="${EDITLAB_DATA:-../shared/data/cifar10}"
+THREADS="${THREADS:-1}" EVERY="${EVERY:-50}"
+OUTER=(--optimizer adam --lr 1e-3 --weight-decay 0 --schedule constant --warmup-epochs 0 --clip-grad-norm 10
+       --epochs 200 --val-size 2000 --patience 20)
+
+flags() {  # the flags that start run $1 (a resumed run keeps its own)
+  case $1 in
+    editable) echo --recipe paper ;;
+    editable_layer2) echo --recipe paper --editable-prefix layer2 ;;
+    baseline) echo "${OUTER[@]}" ;;
+    baseline_layer2) echo "${OUTER[@]}" --editable-prefix layer2 ;;
+    *) echo "unknown run $1 (editable, baseline, editable_layer2, baseline_layer2)" >&2; return 2 ;;
+  esac
+}
+
+running() { [ -f "runs/$1/pid" ] && kill -0 "$(cat "runs/$1/pid")" 2>/dev/null; }
+
+start() {
+  local name=$1 dir=runs/$1 start_flags
+  start_flags=$(flags "$name") || exit 2
+  if running "$name"; then echo "$name: already running (pid $(cat "$dir/pid"))"; return; fi
+  mkdir -p "$dir"
+  local args
+  if [ -f "$dir/state.safetensors" ]; then args=(--resume "$dir/state.safetensors")
+  else read -r -a args <<<"$start_flags"; args+=(--seed 0 --state "$dir/state.safetensors"); fi
+  OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS PYTHONUNBUFFERED=1 nohup .venv/bin/python -m editcore train \
+    "${args[@]}" --device cpu --data-root "$DATA" --state-every-steps "$EVERY" --out "$dir/final.safetensors" \
+    >>"$dir/train.log" 2>&1 &
+  echo $! >"$dir/pid"
+  nohup bash "$0" _snapshots "$name" >/dev/null 2>&1 &
+  echo "$name: ${args[*]:0:2}... pid $(cat "$dir/pid"), log $dir/train.log"
+}
+
+snapshots() {  # while run $1 trains, keep a copy of its state as each epoch ends
+  local dir=runs/$1
+  while running "$1"; do
+    sleep 20
+    local n
+    n=$(progress "$dir" | awk '$2 == 0 {print $1}')
+    if [ -n "$n" ] && [ "$n" -gt 0 ] && [ ! -f "$dir/ep$n.state.safetensors" ]; then
+      cp "$dir/state.safetensors" "$dir/ep$n.state.safetensors.tmp" && mv "$dir/ep$n.state.safetensors.tmp" "$dir/ep$n.state.safetensors"
+    fi
+  done
+}
+
+progress() {  # "epochs_done batch_in_epoch step seconds finished" of the state in folder $1
+  .venv/bin/python - "$1/state.json" <<'PY' 2>/dev/null
+import json, sys
+state = dict(json.load(open(sys.argv[1]))["state"]["dict"])
+p = {k: v["value"] for k, v in state["progress"]["dict"]}
+print(p["epoch"], p["batch"], p["step"], p["seconds"], state["finished"]["value"])
+PY
+}
+
+case "${1:-}" in
+  start) shift; [ $# -gt 0 ] || { echo "name the runs to start" >&2; exit 2; }; for n in "$@"; do start "$n"; done ;;
+  _snapshots) snapshots "$2" ;;
+  status)
+    for dir in runs/*/; do
+      name=$(basename "$dir"); [ -f "$dir/state.json" ] || continue
+      read -r epoch batch step seconds finished <<<"$(progress "$dir")"
+      state=stopped; running "$name" && state=running
+      echo "$name: $state, epoch $epoch done (+$batch steps), step $step, ${seconds}s trained, finished=$finished"
+      grep -E "^epoch=|early stop|keeping" "$dir/train.log" 2>/dev/null | tail -2 | cut -c1-220
+    done ;;
+  save) git add -f runs/*/state.safetensors runs/*/state.json && git status --short runs/ ;;
+  stop) for pidfile in runs/*/pid; do kill "$(cat "$pidfile")" 2>/dev/null && echo "stopped $(dirname "$pidfile")"; done ;;
+  *) sed -n '2,19p' "$0"; exit 2 ;;
+esac
