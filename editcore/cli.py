@@ -26,7 +26,7 @@ from .metrics import HeldOutEvaluator, evaluate_edits
 from .models import MODELS, create_model
 from .torchrun import Ranks
 from .train_state import load_state
-from .training import RECIPES, SCHEDULES, TrainConfig, accuracy, recipe_config, train
+from .training import LOC_REFERENCES, RECIPES, SCHEDULES, TrainConfig, accuracy, recipe_config, train
 
 
 def say(*parts) -> None:
@@ -65,7 +65,8 @@ def rank_targets_from_nae(args, init_model, device):
 
 # Training flags a --recipe may set: argparse leaves them None unless given (dest = TrainConfig field).
 RECIPE_FLAGS = ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "warmup_epochs", "schedule", "clip_grad_norm",
-                "editable", "editor", "editor_lr", "max_steps", "c_edit", "c_loc", "val_size", "val_edits", "patience")
+                "editable", "editor", "editor_lr", "max_steps", "c_edit", "c_loc", "val_size", "val_edits", "patience",
+                "loc_reference")
 
 
 def train_config_from_args(args) -> TrainConfig:
@@ -389,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--c-edit", type=float, default=None, help="default 0.01")
     p.add_argument("--c-loc", type=float, default=None, help="default 0.01")
     p.add_argument("--first-order", action="store_true", help="do not backpropagate through the editor's gradients")
+    p.add_argument("--loc-reference", default=None, choices=LOC_REFERENCES,
+                   help="L_loc's reference predictions: the training forward's (default, the paper's code) or the "
+                        "unedited model in eval mode (EditLab's runs before 2026-12-03)")
     p.add_argument("--val-size", type=int, default=None,
                    help="hold out the last N training images; keep the epoch with the lowest error + drawdown on them "
                         "(default 0: keep the last epoch)")

@@ -2,8 +2,13 @@
 
 Editable training minimises  L_base + c_edit * L_edit(theta_k) + c_loc * L_loc(theta, theta_k):
 theta_k is the model after the editor's steps (at most k) on one training image with a drawn
-target; L_loc is KL(p_theta || p_theta_k) on the training batch, both with batch norm in eval mode
-as edits run. Gradients flow through the editor's steps (second order, or first order on request).
+target; L_loc is KL(p_theta || p_theta_k) on the training batch, p_theta_k with batch norm in eval mode
+as edits run, p_theta the training forward's own predictions (batch norm in training mode, detached), as
+the paper's code has it. That reference also ties the eval-mode network to what the training forward
+learns: with the unedited eval-mode model as reference instead (`loc_reference='eval'`, EditLab's runs
+before 2026-12-03), nothing does, and from scratch the eval-mode network collapsed to near-uniform
+predictions (test accuracy 10% after one epoch), where any edit is cheap. Gradients flow through the
+editor's steps (second order, or first order on request).
 
 Randomness comes from two seeded generators: `data` (the epoch's permutation and the augmentation of
 each global batch) is the same on every rank, so rank r trains on rows r, r + world, ... of the batch
@@ -38,6 +43,7 @@ from .models import StagedNet, create_model, default_editable_prefix
 from .train_state import save_state
 
 SCHEDULES = ("cosine", "constant")
+LOC_REFERENCES = ("training", "eval")
 LOCAL_ANCHORS = 2000  # training images whose inputs span what a local edit must leave alone
 
 
@@ -63,6 +69,7 @@ class TrainConfig:
     c_edit: float = 0.01
     c_loc: float = 0.01
     order: str = "second"
+    loc_reference: str = "training"  # L_loc's p_theta: the training forward's predictions, or 'eval' (see above)
     edit_targets: str = "random"  # or 'match-ranks'
     rank_probs: list[float] = field(default_factory=list)  # match-ranks: P(rank r) for the target
     val_size: int = 0  # >0: the last N training images are held out; the best epoch on them is kept
@@ -90,6 +97,8 @@ class TrainConfig:
             raise ValueError(f"optimizer must be 'sgd' or 'adam', not {c.optimizer!r}")
         if c.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, not {c.schedule!r}")
+        if c.loc_reference not in LOC_REFERENCES:
+            raise ValueError(f"loc_reference must be one of {LOC_REFERENCES}, got {c.loc_reference!r}")
         if c.clip_grad_norm < 0 or c.val_size < 0 or c.val_edits < 0 or c.patience < 0:
             raise ValueError("clip_grad_norm, val_size, val_edits and patience must be >= 0")
         if c.patience and not c.val_size:
@@ -206,8 +215,8 @@ def train_step(net, editable, editor, optimizer, x, y, edit_pool, config, gen) -
                 edited, final_logits = result.params, result.final_logits
             loss_edit = edit_loss(final_logits, target)
             features = editable.features(x)
-            ref = editable.logits_from_features(features).detach()
-            loss_loc = kl_div(ref, editable.logits_from_features(features, edited))
+            ref = logits if config.loc_reference == "training" else editable.logits_from_features(features)
+            loss_loc = kl_div(ref.detach(), editable.logits_from_features(features, edited))
         loss = base + config.c_edit * loss_edit + config.c_loc * loss_loc
         stats.update(loss_edit=loss_edit.detach(), loss_loc=loss_loc.detach(), edit_success=float(result.success),
                      edit_steps=float(result.steps))

@@ -207,3 +207,29 @@ def test_editable_training_with_the_local_editor_is_first_order_and_moves_the_we
     assert record["edit_success"] > 0 and record["loss_loc"] > 0  # edits ran and moved the batch's outputs
     assert not torch.equal(model.body[0].weight, start.body[0].weight)
     assert TrainConfig(editable=True, editor="local").resolved().editable_prefix == "layer3.0.conv1"
+
+
+@pytest.mark.parametrize("reference", ["training", "eval"])
+def test_the_locality_term_compares_the_edited_model_with_the_training_forward(reference):
+    """An editor too weak to move anything leaves the edited model as it was: L_loc is then the gap between
+    the reference and the eval-mode model, zero for 'eval' and the train/eval-mode KL for 'training' (the
+    paper's code), the term that keeps the eval-mode network tied to what the training forward learns."""
+    import copy
+
+    from editcore import EditableModel, normalize
+    from editcore.training import kl_div, train_step
+
+    config = TrainConfig(**TINY, editable=True, editor="gd", loc_reference=reference).resolved()
+    model = make_tiny()
+    editable, editor = EditableModel(model, "body"), create_editor("gd", lr=1e-12)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the step must not move what we compare
+    pool = tiny_images()
+    x, y = normalize(pool.images[:8]), pool.labels[:8]
+    twin = copy.deepcopy(model)  # its training forward updates batch norm's running statistics as train_step's does
+    with torch.no_grad():
+        train_logits = twin.train()(x)
+        eval_logits = twin.eval()(x)
+    stats = train_step(model, editable, editor, optimizer, x, y, pool, config, torch.Generator().manual_seed(0))
+    expected = kl_div(train_logits, eval_logits) if reference == "training" else torch.tensor(0.0)
+    assert (float(expected) > 1e-3) == (reference == "training")
+    assert float(stats["loss_loc"]) == pytest.approx(float(expected), abs=1e-6)
