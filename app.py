@@ -8,7 +8,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 
 import torch  # noqa: E402
 
-from editcore import DataError, Lab, limit_allocator_retention, read_card  # noqa: E402
+from editcore import DEFAULT_THREADS, DataError, Lab, limit_allocator_retention, read_card  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_CHECKPOINTS = [f"baseline={ASSETS / 'resnet20_baseline.safetensors'}",
@@ -47,7 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "assets/resnet20_baseline.safetensors and assets/resnet20_editable.safetensors)")
     parser.add_argument("--nae", default=str(ASSETS / "cifar10_nae.npz"),
                         help="natural adversarial examples to browse, when the file exists")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                        help=f"torch CPU threads per computation (default {DEFAULT_THREADS} on every machine: the count "
+                             "changes the last bits of an edit, so a fixed one lets edit logs replay the same elsewhere)")
     parser.add_argument("--replicas", type=int, default=0,
                         help="copies of each model, so that many edits run at once (default: CPU cores / threads)")
     return parser.parse_args(argv)
@@ -56,9 +58,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     limit_allocator_retention()  # before the lab's threads allocate: RSS falls back when sessions leave
-    if args.threads:
-        torch.set_num_threads(args.threads)
     say = lambda *parts: print(*parts, file=sys.stderr, flush=True)  # noqa: E731
+    if args.threads < 1:
+        say(f"error: --threads must be at least 1, got {args.threads}")
+        return 2
+    torch.set_num_threads(args.threads)
     try:
         checkpoints = checkpoint_names(args.checkpoint)
         replicas = args.replicas or max(1, (os.cpu_count() or 1) // torch.get_num_threads())

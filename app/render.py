@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from editcore import CLASSES, BrowseItem, EditEntry, EditReport
+from editcore import CLASSES, BrowseItem, EditReport
 
 # Gallery thumbnails go out at 32 px as PNG; the page enlarges them with `image-rendering: pixelated`
 # (CSS below), so every CIFAR pixel stays a crisp square. Sending 128 px WebPs instead cost the server
@@ -151,7 +151,7 @@ def accuracy_plot(curve: list[float], model: str, n_heldout: int) -> str:
     left, right, top, bottom = PLOT_BOX
     x = lambda step: left + (PLOT_WIDTH - left - right) * (step / max(1, n_edits))  # noqa: E731
     y = lambda value: top + (PLOT_HEIGHT - top - bottom) * (y_high - value) / (y_high - y_low)  # noqa: E731
-    title = f"Held-out accuracy ({n_heldout:,} images)"
+    title = f"Held-out accuracy ({n_heldout:,} images not edited)"
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {PLOT_WIDTH} {PLOT_HEIGHT}" role="img" '
              f'class="accuracy-plot" font-family="sans-serif" font-size="12">',
              f"<title>{html.escape(title)}: {values[0]:.1f}% unedited, {values[-1]:.1f}% after {n_edits} edit(s)</title>",
@@ -234,17 +234,23 @@ def status_markdown(report: EditReport) -> str:
             f"{d['seconds']:.2f} s ({d['editor']}, lr {d['lr']:.3g}, {d['layers']}). "
             f"Held-out accuracy{effect} {100 * d['heldout_accuracy_before']:.2f}% → "
             f"{100 * d['heldout_accuracy_after']:.2f}% ({change:+.2f} points): **{d['n_fixed']} fixed**, "
-            f"**{d['n_broken']} broken**, {d['n_changed']} of {d['n_heldout']:,} changed their prediction.")
+            f"**{d['n_broken']} broken**, {d['n_changed']} of {d['n_heldout']:,} changed their prediction. "
+            f"Corrections{effect}: **{d['corrections_held']} of {d['n_corrections']} hold** (this edit's image(s) and "
+            f"the session's earlier ones).  \n{SCORING_RULE}")
+
+
+SCORING_RULE = ("*Held-out figures leave out every image this session has edited: they say what the edits did to "
+                "the images they did not touch.*")
 
 
 HISTORY_HEADERS = ["#", "images", "target", "editor", "lr", "steps", "seconds", "accuracy before", "accuracy after",
                    "fixed", "broken"]
 
 
-def history_rows(history: list[EditEntry]) -> list[list]:
+def history_rows(summaries: list[dict]) -> list[list]:
+    """The history table from `EditSession.summaries()`."""
     rows = []
-    for entry in history:
-        s = entry.summary()
+    for s in summaries:
         rows.append([s["edit"], ", ".join(s["images"]), ", ".join(s["targets"]), s["editor"], f"{s['lr']:.3g}", s["steps"],
                      f"{s['seconds']:.2f}", f"{100 * s['heldout_accuracy_before']:.2f}%",
                      f"{100 * s['heldout_accuracy_after']:.2f}%", s["n_fixed"], s["n_broken"]])

@@ -16,7 +16,7 @@ from pathlib import Path
 import gradio as gr
 
 from editcore import (CLASSES, DEFAULT_EDITOR, EDITORS, SOURCE_TEST, SOURCE_UPLOADS, BrowseQuery, EditSettings, ImageError, ImageRef,
-                      Lab, SettingsError, compare_fixes, read_log, view_names)
+                      Lab, SettingsError, compare_fixes, read_log, replay_summary, view_names)
 
 from . import render
 
@@ -102,26 +102,26 @@ class Handlers:
     def _state_outputs(self, ws, message: str, summary: dict | None = None):
         """The effect panel for the session as it now stands (after undo, reset, a model switch...)."""
         session = ws.session(ws.model)
-        curve = session.accuracy_curve()
+        curve, n_scored = session.accuracy_curve(), int(session.scored_rows().sum())
         flips = session.last_flips()
         fixed_gallery, broken_gallery = self._flip_outputs(*flips) if flips else ([], [])
         report = {"model": ws.model, "edits": len(session.history), "heldout_accuracy": curve[-1],
-                  "heldout_accuracy_base": curve[0], "message": message, **(summary or {})}
+                  "heldout_accuracy_base": curve[0], "n_heldout": n_scored, "message": message, **(summary or {})}
         image, info, topk, _ = self._selection_outputs(ws)
-        return (report, message, topk, info, render.accuracy_plot(curve, ws.model, len(session.shared.heldout)),
+        return (report, message, topk, info, render.accuracy_plot(curve, ws.model, n_scored),
                 render.views_placeholder("Apply an edit to see how the edited model treats shifted, flipped and "
                                          "re-lit copies of the image."),
-                fixed_gallery, broken_gallery, render.history_rows(session.history), *self._browse_outputs(ws))
+                fixed_gallery, broken_gallery, render.history_rows(session.summaries()), *self._browse_outputs(ws))
 
     def _report_outputs(self, ws, report):
         session = ws.session(ws.model)
         fixed_gallery, broken_gallery = self._flip_outputs(report.predictions_before, report.predictions_after,
                                                            report.fixed_rows, report.broken_rows)
         _, info, topk, _ = self._selection_outputs(ws)
-        plot = render.accuracy_plot(session.accuracy_curve(), ws.model, len(session.shared.heldout))
+        plot = render.accuracy_plot(session.accuracy_curve(), ws.model, int(session.scored_rows().sum()))
         return (report.to_dict(), render.status_markdown(report), topk, info, plot,
                 render.views_html(report, self.view_names), fixed_gallery, broken_gallery,
-                render.history_rows(session.history), *self._browse_outputs(ws))
+                render.history_rows(session.summaries()), *self._browse_outputs(ws))
 
     def _settings(self, editor, lr, max_steps, layers, max_drop) -> EditSettings:
         return EditSettings(editor=editor, lr=lr, max_steps=max_steps, layers=layers or "",
@@ -203,9 +203,11 @@ class Handlers:
     @user_errors
     def undo(self, request: gr.Request):
         ws = self.workspace(request)
-        entry = ws.session(ws.model).undo()
-        message = f"Undid edit {entry.number}." if entry else "Nothing to undo: the model is unedited."
-        return self._state_outputs(ws, message, {"undone": entry.summary() if entry else None})
+        session = ws.session(ws.model)
+        undone = session.summaries()[-1] if session.history else None
+        session.undo()
+        message = f"Undid edit {undone['edit']}." if undone else "Nothing to undo: the model is unedited."
+        return self._state_outputs(ws, message, {"undone": undone})
 
     @user_errors
     def reset(self, request: gr.Request):
@@ -218,7 +220,7 @@ class Handlers:
     def history(self, request: gr.Request):
         """API /history: this session's applied edits of the model on screen."""
         ws = self.workspace(request)
-        return [entry.summary() for entry in ws.session(ws.model).history]
+        return ws.session(ws.model).summaries()
 
     @user_errors
     def upload(self, files, request: gr.Request):
@@ -311,29 +313,7 @@ class Handlers:
         log = read_log(Path(path).read_bytes())
         model = log.get("model") if isinstance(log, dict) and log.get("model") in self.lab.models else ws.model
         reports = ws.replay(model, log)
-        return (gr.update(value=model), *self._state_outputs(ws, *replay_summary(log, reports, self.lab.models[model])))
-
-
-def replay_summary(log: dict, reports, shared) -> tuple[str, dict]:
-    """What a replay reproduced, in words and as the report's fields. 'Reproduced exactly' needs the same
-    weights (the log's checkpoint sha256), every edit kept, and every recorded accuracy met exactly."""
-    kept = [r for r in reports if r.applied]
-    dropped = [number for number, r in enumerate(reports, 1) if not r.applied]
-    recorded = [e.get("heldout_accuracy_after") for e in log["edits"]]
-    replayed = [r.heldout_accuracy_after for r in reports]
-    logged_sha = str(log["checkpoint"].get("sha256"))
-    same_weights = logged_sha == shared.sha256
-    reproduced = same_weights and not dropped and recorded == replayed
-    parts = [f"Replayed the log's {len(reports)} edit(s) on the {shared.name} model: **{len(kept)} kept**"]
-    if dropped:
-        parts.append(f", edit(s) {', '.join(map(str, dropped))} did not succeed again and were rolled back")
-    parts.append(f". Held-out accuracy after each: {[round(100 * a, 2) for a in replayed]} — "
-                 f"{'reproduced exactly' if reproduced else 'NOT identical to the log'}.")
-    if not same_weights:
-        parts.append(f" **The log was recorded on different weights** (checkpoint sha256 {logged_sha[:12]}… in the "
-                     f"log, {shared.sha256[:12]}… here), so the replay cannot reproduce it.")
-    return "".join(parts), {"replayed": len(reports), "kept": len(kept), "same_weights": same_weights,
-                            "reproduced": reproduced}
+        return (gr.update(value=model), *self._state_outputs(ws, *replay_summary(log, reports, ws.session(model))))
 
 
 @functools.cache

@@ -2,8 +2,10 @@
 
 - R: the paper's: a random image to a random target != its true label.
 - C: corrections: an image the model gets wrong, to its true label.
-- S: sessions: K corrections one after another without reset; after each, held-out accuracy, how many
-  earlier corrections still hold, and each correction's generalisation to its augmented views.
+- S: sessions: K corrections one after another without reset, kept or rolled back by the app's rule (an
+  edit that misses its target or would undo an earlier correction is rolled back); after each, held-out
+  accuracy, how many kept corrections still hold, and each correction's generalisation to its augmented views;
+  at the end, how many of the K asked for the model gets right (`held`).
 
 Every method sees the same seeded edits. Held-out images never include an edited one: with a data root,
 edits come from test 1000-9999 and the held-out set is the pixel-exact test 0-999 (`--heldout full`:
@@ -121,7 +123,10 @@ def single_edits(runner: Runner, heldout: HeldOutEvaluator, indices, edits: Imag
 
 
 def session(runner: Runner, heldout: HeldOutEvaluator, indices, edits: ImageSet, rows, targets) -> dict:
-    params, keep, curve, kept, gains, successes = {}, [], [], [], [], []
+    """K corrections in a row, kept as the app keeps them (EditSession.apply): an edit that does not reach
+    its target, or that would leave an earlier kept correction wrong, is rolled back. `held` counts, of all K
+    corrections asked for, those the final model predicts right; `kept_curve` the kept ones holding after each."""
+    params, keep, curve, kept, gains, successes, rolled_back, seconds = {}, [], [], [], [], [], [], []
     exclude = {int(edits.indices[r]) for r in rows}
     base = accuracy(heldout, indices, heldout.base_predictions, exclude)
     for row, target in zip(rows, targets):
@@ -129,15 +134,23 @@ def session(runner: Runner, heldout: HeldOutEvaluator, indices, edits: ImageSet,
         before = views_at_target(runner, image, target, params)
         result = runner.edit(image, target, params, keep)
         successes.append(result.success)
-        params = result.params
-        keep.append((image, int(target)))
+        seconds.append(result.seconds)
+        slipped = bool(keep) and not bool((runner.predict(torch.cat([k[0] for k in keep]), result.params).cpu()
+                                           == torch.tensor([k[1] for k in keep])).all())
+        rolled_back.append(not result.success or slipped)
+        if not rolled_back[-1]:
+            params = result.params
+            keep.append((image, int(target)))
         gains.append(views_at_target(runner, image, target, params) - before)
         curve.append(accuracy(heldout, indices, heldout.predict(params), exclude))
-        corrected = torch.cat([k[0] for k in keep])
-        kept.append(int((runner.predict(corrected, params).cpu() == torch.tensor([k[1] for k in keep])).sum()))
+        kept.append(int((runner.predict(torch.cat([k[0] for k in keep]), params).cpu() ==
+                         torch.tensor([k[1] for k in keep])).sum()) if keep else 0)
+    asked = edits.images[torch.as_tensor(rows)]
+    held = int((runner.predict(asked, params).cpu() == torch.as_tensor(targets).cpu()).sum())
     return {"base_accuracy": base, "accuracy_curve": curve, "kept_curve": kept, "final_drop": 100 * (base - curve[-1]),
-            "kept": kept[-1], "n": len(rows), "success_rate": sum(successes) / len(successes),
-            "generalization": statistics.mean(gains)}
+            "kept": kept[-1], "held": held, "rolled_back": sum(rolled_back), "n": len(rows),
+            "success_rate": sum(successes) / len(successes), "generalization": statistics.mean(gains),
+            "edit_seconds": seconds}
 
 
 def summarize(records: list[dict]) -> dict:
@@ -231,7 +244,8 @@ def format_row(row: dict, protocols) -> str:
         elif isinstance(value, list):
             drops = [s["final_drop"] for s in value]
             parts.append(f"{protocol}: drop {statistics.mean(drops):5.2f} (worst {max(drops):.2f}) "
-                         f"kept {min(s['kept'] for s in value)}-{max(s['kept'] for s in value)}/{value[0]['n']} "
+                         f"held {min(s['held'] for s in value)}-{max(s['held'] for s in value)}/{value[0]['n']} "
+                         f"rolled back {sum(s['rolled_back'] for s in value)} "
                          f"gen {statistics.mean(s['generalization'] for s in value):+.2f}")
     parts.append(f"[{row['seconds']:.0f}s]")
     return " | ".join(parts)

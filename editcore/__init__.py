@@ -2,7 +2,7 @@
 from .checkpoint import Checkpoint, load_checkpoint, read_card, save_checkpoint
 from .data import (CLASSES, DataError, ImageSet, augment, load_cifar10, load_sample, load_train_sample, normalize,
                    resolve_data_root)
-from .device import pick_device
+from .device import DEFAULT_THREADS, arithmetic, arithmetic_differences, pick_device
 from .edit import EditableModel, EditResult, edit, edit_loss, eval_mode, logit_margins
 from .augment_views import augmented_views, generalization, view_families, view_specs
 from .editors import EDITORS, Editor, create_editor, register_editor
@@ -12,8 +12,8 @@ from .fixers import (FIXERS, EditorFixer, FinetuneFixer, Fixer, LookupFixer, Loo
 from .metrics import EditRecord, HeldOutEvaluator, draw_edits, evaluate_edits, summarize
 from .models import DEFAULT_ARCH, MODELS, create_model, default_editable_prefix, editable_names
 from .training import TrainConfig, accuracy, train
-from .session import (DEFAULT_EDITOR, EditEntry, EditReport, EditSession, EditSettings, ImageRef, SettingsError, SharedModel,
-                      read_log, view_names)
+from .session import (DEFAULT_EDITOR, Corrections, EditEntry, EditReport, EditSession, EditSettings, ImageRef, SettingsError, SharedModel,
+                      image_digest, read_log, replay_summary, view_names)
 from .compare import MethodOutcome, compare_fixes
 from .workspace import (SORTS, SOURCE_NAE, SOURCE_TEST, SOURCE_UPLOADS, BrowseItem, BrowsePage, BrowseQuery, ImageError, Lab,
                         Workspace, decode_image, limit_allocator_retention)

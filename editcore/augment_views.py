@@ -27,6 +27,8 @@ class ViewSpec:
     name: str  # e.g. 'crop(+3,-1)': the transform and its parameters
     family: str  # crop, flip, shift, brightness, contrast, jpeg, noise
     apply: Callable[[torch.Tensor], torch.Tensor]  # uint8 (3,H,W) -> uint8 (3,H,W)
+    # A pure move of the pixels: (dy, dx, flipped) as `crop_flip` names it (a shift's replicated edge aside).
+    offset: tuple[int, int, bool] | None = None
 
 
 def _crop(dy: int, dx: int, pad: int, mode: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -72,9 +74,11 @@ def view_specs(seed: int = DEFAULT_VIEWS_SEED) -> list[ViewSpec]:
     shift_offsets = [(int(dy), int(dx)) for dy, dx in
                      rng.permutation([(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3) if (dy, dx) != (0, 0)])[:4]]
     noise_seeds = rng.integers(0, 2**31 - 1, size=2)
-    specs = [ViewSpec(f"crop({dy:+d},{dx:+d})", "crop", _crop(dy, dx, 4, "constant")) for dy, dx in crop_offsets]
-    specs.append(ViewSpec("hflip", "flip", lambda image: image.flip(-1)))
-    specs += [ViewSpec(f"shift({dy:+d},{dx:+d})", "shift", _crop(dy, dx, 2, "replicate")) for dy, dx in shift_offsets]
+    specs = [ViewSpec(f"crop({dy:+d},{dx:+d})", "crop", _crop(dy, dx, 4, "constant"), (dy, dx, False))
+             for dy, dx in crop_offsets]
+    specs.append(ViewSpec("hflip", "flip", lambda image: image.flip(-1), (0, 0, True)))
+    specs += [ViewSpec(f"shift({dy:+d},{dx:+d})", "shift", _crop(dy, dx, 2, "replicate"), (dy, dx, False))
+              for dy, dx in shift_offsets]
     specs += [ViewSpec(f"brightness(x{s})", "brightness", _affine(s, around_mean=False)) for s in (0.8, 1.2)]
     specs += [ViewSpec(f"contrast(x{s})", "contrast", _affine(s, around_mean=True)) for s in (0.7, 1.3)]
     specs.append(ViewSpec(f"jpeg(q{JPEG_QUALITY})", "jpeg", _jpeg(JPEG_QUALITY)))

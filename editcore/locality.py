@@ -14,7 +14,8 @@ changes one or a few weight matrices W (conv or linear) and only along direction
 - `local_edit`: Polyak steps on a hinge loss of the logit margin, dW = -(loss / |G P|^2) G P,
   i.e. the smallest step (in the projected metric) that closes the linearised margin gap; no learning
   rate to tune, and the first step follows the gradient's size. It edits the image together with a few
-  random crops / flips of it (so the fix carries over to small changes of the input), and it may
+  crops / flips of it (so the fix carries over to small changes of the input; drawn per image and never
+  one of the generalisation views, `copy_offsets`, so generalisation is measured on unseen copies), and it may
   keep earlier corrections of a session as constraints (so a later edit cannot undo them).
 
 An edited model is still the base model plus a dict of replacement tensors (`EditResult.params`).
@@ -22,11 +23,13 @@ An edited model is still the base model plus a dict of replacement tensors (`Edi
 from __future__ import annotations
 
 import time
+import zlib
 
 import torch
 from torch import nn
 
-from .data import augment, load_train_sample, normalize
+from .augment_views import view_specs
+from .data import load_train_sample, normalize
 from .edit import EditableModel, EditResult, eval_mode, logit_margins
 from .editors import Editor, Params, register_editor
 
@@ -37,6 +40,30 @@ DEFAULT_COPIES = 8  # random crop/flip copies of the edited image, edited with i
 DEFAULT_MAX_STEPS = 20
 MAX_HALVINGS = 8  # line search: a step is halved at most this often before the edit gives up
 KEEP_MARGIN = 1.0  # earlier corrections of a session are kept at least this far above the next class
+
+
+def copy_offsets(count: int, seed: int) -> list[tuple[int, int, bool]]:
+    """`count` distinct crop/flip moves (dy, dx, flipped), |dy|, |dx| <= 4, drawn with `seed`: never the image
+    itself, nor the move of a generalisation view (`view_specs`: its crops, flip and small shifts)."""
+    taken = {(0, 0, False)} | {spec.offset for spec in view_specs() if spec.offset is not None}
+    moves = [(dy, dx, flipped) for dy in range(-4, 5) for dx in range(-4, 5) for flipped in (False, True)
+             if (dy, dx, flipped) not in taken]
+    if count > len(moves):
+        raise ValueError(f"at most {len(moves)} distinct copies, asked for {count}")
+    order = torch.randperm(len(moves), generator=torch.Generator().manual_seed(seed))[:count]
+    return [moves[i] for i in order.tolist()]
+
+
+def crop_flip(images: torch.Tensor, dy: int, dx: int, flipped: bool) -> torch.Tensor:
+    """The crop at (dy, dx) of the images after 4-pixel zero padding (the training augmentation's), flipped."""
+    h, w = images.shape[-2:]
+    moved = nn.functional.pad(images, (4, 4, 4, 4))[..., 4 + dy : 4 + dy + h, 4 + dx : 4 + dx + w]
+    return moved.flip(-1) if flipped else moved
+
+
+def image_seed(images: torch.Tensor) -> int:
+    """A seed that follows the images: each edit gets its own copies, and the same images get the same."""
+    return zlib.crc32(images.detach().cpu().contiguous().numpy().tobytes())
 
 
 def _owner(model: nn.Module, name: str) -> nn.Module:
@@ -110,13 +137,13 @@ def local_edit(
     keep_inputs: torch.Tensor | None = None,
     keep_targets: torch.Tensor | None = None,
     step_scale: float = 1.0,
-    seed: int = 0,
+    seed: int | None = None,
     keep_features: torch.Tensor | None = None,
 ) -> EditResult:
     """Edit so that every input gets its target, changing only `subspace.names` within the subspace.
 
     inputs: normalised images (N,3,H,W), targets (N,). Each input is edited together with `copies`
-    random crop/flip copies (seeded by `seed`); the loss is the mean over those rows of
+    crop/flip copies (`copy_offsets`, seeded by `seed`, default `image_seed(inputs)`); the loss is the mean over those rows of
     relu(margin - logit margin). `keep_inputs` (earlier corrections to keep) must stay KEEP_MARGIN above
     their next class: whenever the loss reaches 0, all of them are checked, and the ones that fell
     short join the loss (with KEEP_MARGIN) for the steps that follow. A satisfied one adds nothing to the
@@ -134,8 +161,8 @@ def local_edit(
     targets = targets.view(-1).to(inputs.device)
     rows = [inputs]
     if copies:
-        gen = torch.Generator().manual_seed(seed)
-        rows += [augment(inputs, gen) for _ in range(copies)]
+        seed = image_seed(inputs) if seed is None else seed
+        rows += [crop_flip(inputs, *move) for move in copy_offsets(copies, seed)]
     n_edit_rows = len(inputs) * (1 + copies)
     row_targets = targets.repeat(1 + copies)
     row_margins = torch.full((n_edit_rows,), float(margin), device=inputs.device)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import copy
+import functools
 import hashlib
 import itertools
 import json
@@ -30,6 +31,7 @@ import torch
 from .augment_views import augmented_views, view_specs
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import CLASSES, ImageSet, normalize
+from .device import arithmetic, arithmetic_differences
 from .edit import EditableModel, edit, eval_mode
 from .editors import EDITORS, Editor, Params, create_editor
 from .locality import DEFAULT_EDITOR
@@ -38,13 +40,15 @@ from .metrics import EVAL_BATCH, HeldOutEvaluator, native_bfloat16
 from .models import default_editable_prefix
 
 LOG_FORMAT = "editlab-edit-log"
-LOG_VERSION = 1
+LOG_VERSION = 2  # 2: "arithmetic"; held-out figures leave out the images the session edited
+READ_LOG_VERSIONS = (1, 2)
 MAX_STEPS_LIMIT = 500
 MAX_LR = 10.0
 MAX_EDITS_PER_SESSION = 200  # each applied edit keeps one parameter dict and one set of probabilities
 MAX_LOG_BYTES = 20_000_000
 ROW_BYTES = 36  # a held-out row in a flip list: an 8-byte pointer and a 28-byte int
 PIXELS_BYTES = 4096  # an edited 3x32x32 image in base64
+PREDICTION_BYTES = 8  # a held-out row's predicted class (int64), kept per state
 
 
 class SettingsError(ValueError):
@@ -133,7 +137,7 @@ class Replica:
     def __init__(self, model: torch.nn.Module):
         self.model = model
         self.editables: dict[str, EditableModel] = {}
-        self.evaluators: dict[str, HeldOutEvaluator] = {}
+        self.evaluators: dict[int, HeldOutEvaluator] = {}  # by the stage where the cached features enter
 
 
 class SharedModel:
@@ -162,7 +166,14 @@ class SharedModel:
         self._free = threading.Condition()
         self._held = threading.local()
         self._source_probs: dict[str, torch.Tensor] = {}
+        self._heldout_rows: dict[str, list[int]] = {}  # image digest -> the held-out rows holding that image
+        for row, image in enumerate(self.heldout.images.cpu()):
+            self._heldout_rows.setdefault(image_digest(image), []).append(row)
         self.base_heldout_probs = self.heldout_probabilities(self.default_layers, None)
+
+    def heldout_rows_of(self, digests) -> set[int]:
+        """Rows of the held-out set whose pixels are exactly those of an image with one of these digests."""
+        return {row for digest in digests for row in self._heldout_rows.get(digest, ())}
 
     @contextlib.contextmanager
     def replica(self, which: Replica | None = None) -> Iterator[Replica]:
@@ -222,23 +233,25 @@ class SharedModel:
 
     def evaluator(self, layers: str) -> HeldOutEvaluator:
         """The first replica's held-out evaluator whose cache sits at these layers' first stage (built on
-        first use)."""
-        built = self.primary.evaluators.get(layers)
+        first use). Layers that begin in the same stage share it: one feature cache per model and split."""
+        split = self.editable(layers).split
+        built = self.primary.evaluators.get(split)
         if built is not None:
             return built
         with self.replica(self.primary) as primary:
-            if layers not in primary.evaluators:
-                primary.evaluators[layers] = HeldOutEvaluator(self.editable(layers), self.heldout.images,
-                                                              self.heldout.labels, EVAL_BATCH, self.mixed_precision)
-            return primary.evaluators[layers]
+            if split not in primary.evaluators:
+                primary.evaluators[split] = HeldOutEvaluator(self.editable(layers), self.heldout.images,
+                                                             self.heldout.labels, EVAL_BATCH, self.mixed_precision)
+            return primary.evaluators[split]
 
     def _evaluator_on(self, replica: Replica, layers: str) -> HeldOutEvaluator:
         """`replica`'s evaluator: the first replica's on its own module (cached features computed once)."""
         if replica is self.primary:
             return self.evaluator(layers)
-        if layers not in replica.evaluators:
-            replica.evaluators[layers] = self.evaluator(layers).on(self.editable(layers, replica))
-        return replica.evaluators[layers]
+        split = self.editable(layers).split
+        if split not in replica.evaluators:
+            replica.evaluators[split] = self.evaluator(layers).on(self.editable(layers, replica))
+        return replica.evaluators[split]
 
     def heldout_logits(self, layers: str, params: Params | None) -> torch.Tensor:
         """Logits (N, classes) on the held-out set from the cached features; with `mixed_precision`,
@@ -276,6 +289,11 @@ def encode_pixels(image: torch.Tensor) -> str:
     return base64.b64encode(image.to(torch.uint8).cpu().contiguous().numpy().tobytes()).decode("ascii")
 
 
+def image_digest(image: torch.Tensor) -> str:
+    """Names an image by its pixels: two images have the same digest iff they are the same image."""
+    return hashlib.blake2b(image.to(torch.uint8).cpu().contiguous().numpy().tobytes(), digest_size=16).hexdigest()
+
+
 def decode_pixels(text: str, shape=(3, 32, 32)) -> torch.Tensor:
     raw = base64.b64decode(text.encode("ascii"), validate=True)
     if len(raw) != math.prod(shape):
@@ -291,29 +309,16 @@ class EditEntry:
     refs: list[ImageRef]
     targets: list[int]
     pixels: list[str]  # base64 of each edited uint8 image, so a log replays without the sources
+    digests: list[str]  # `image_digest` of each edited image
     settings: EditSettings
     success: bool
     steps: int
     seconds: float
-    heldout_accuracy_before: float
-    heldout_accuracy_after: float
-    fixed_rows: list[int] = field(repr=False)
-    broken_rows: list[int] = field(repr=False)
+    fixed_rows: list[int] = field(repr=False)  # held-out rows it turned right (its own images' rows included)
+    broken_rows: list[int] = field(repr=False)  # and wrong
 
-    def summary(self) -> dict:
-        return {
-            "edit": self.number,
-            "images": [f"{r.source}:{r.index}" for r in self.refs],
-            "targets": [CLASSES[t] for t in self.targets],
-            **{k: v for k, v in asdict(self.settings).items()},
-            "success": self.success,
-            "steps": self.steps,
-            "seconds": round(self.seconds, 4),
-            "heldout_accuracy_before": self.heldout_accuracy_before,
-            "heldout_accuracy_after": self.heldout_accuracy_after,
-            "n_fixed": len(self.fixed_rows),
-            "n_broken": len(self.broken_rows),
-        }
+    def image_names(self) -> list[str]:
+        return [f"{r.source}:{r.index}" for r in self.refs]
 
 
 @dataclass
@@ -334,6 +339,8 @@ class EditReport:
     n_fixed: int
     n_broken: int
     n_changed: int
+    n_corrections: int  # the session's corrections with this edit: its images and every earlier edited image
+    corrections_held: int  # how many of them the candidate edit predicts as their (latest) target
     model: str
     settings: EditSettings
     refs: list[ImageRef]
@@ -363,6 +370,8 @@ class EditReport:
             "n_fixed": self.n_fixed,
             "n_broken": self.n_broken,
             "n_changed": self.n_changed,
+            "n_corrections": self.n_corrections,
+            "corrections_held": self.corrections_held,
             "model": self.model,
             "images": [f"{r.source}:{r.index}" for r in self.refs],
             "targets": [CLASSES[t] for t in self.targets],
@@ -373,10 +382,28 @@ class EditReport:
 
 
 @dataclass
+class Corrections:
+    """A session's earlier corrections as an edit must keep them."""
+
+    names: list[str]  # 'source:index' of each image
+    features: torch.Tensor  # activations entering the edited stage, one row per image
+    targets: torch.Tensor  # the latest target of each
+
+    def slipped(self, editable: EditableModel, params: Params) -> list[str]:
+        """Names of the corrections that `params` no longer predict as their target."""
+        predicted = editable.logits_from_features(self.features, params).argmax(1)
+        return [name for name, ok in zip(self.names, (predicted == self.targets).tolist()) if not ok]
+
+
+@dataclass
 class _State:
     params: Params  # replacement tensors for the editable parameters ({} = the base model)
     heldout_probs: torch.Tensor  # (N, classes) on the held-out set, CPU
     version: int  # unique per state: keys caches of probabilities on other sources
+
+    @functools.cached_property
+    def predictions(self) -> torch.Tensor:
+        return self.heldout_probs.argmax(1)
 
 
 class EditSession:
@@ -409,22 +436,56 @@ class EditSession:
     def heldout_probs(self) -> torch.Tensor:
         return self._top.heldout_probs
 
-    def heldout_accuracy(self, probs: torch.Tensor | None = None) -> float:
-        probs = self.heldout_probs if probs is None else probs
-        return int((probs.argmax(1) == self.shared.heldout.labels.cpu()).sum()) / len(probs)
+    def scored_rows(self, digests=()) -> torch.Tensor:
+        """Mask of the held-out rows this session's figures score: every image but the ones the session has
+        edited (and the images `digests` name, an edit being tried). An edited image counts as its own
+        "fixed" held-out row otherwise, so a session of corrections would look better than it did."""
+        mask = torch.ones(len(self.shared.heldout), dtype=torch.bool)
+        edited = self.shared.heldout_rows_of([*digests, *(d for entry in self.history for d in entry.digests)])
+        mask[sorted(edited)] = False
+        return mask
+
+    def heldout_accuracy(self, predictions: torch.Tensor | None = None, scored: torch.Tensor | None = None) -> float:
+        """Accuracy of `predictions` (default: the current model's) on the scored rows (default: `scored_rows()`)."""
+        predictions = self._top.predictions if predictions is None else predictions
+        scored = self.scored_rows() if scored is None else scored
+        right = (predictions == self.shared.heldout.labels.cpu()) & scored
+        return int(right.sum()) / max(1, int(scored.sum()))
 
     def accuracy_curve(self) -> list[float]:
-        """Held-out accuracy of the base model, then after each applied edit."""
-        return [self.heldout_accuracy(self._base.heldout_probs)] + [e.heldout_accuracy_after for e in self.history]
+        """Held-out accuracy of the base model, then after each applied edit, all on today's scored rows."""
+        scored = self.scored_rows()
+        return [self.heldout_accuracy(state.predictions, scored) for state in [self._base, *self._stack]]
+
+    def summaries(self) -> list[dict]:
+        """The applied edits as the history, the /history API, the log and an exported card show them: the
+        held-out figures on today's scored rows (the images the session has not edited)."""
+        scored = self.scored_rows()
+        curve = self.accuracy_curve()
+        return [{
+            "edit": entry.number,
+            "images": entry.image_names(),
+            "targets": [CLASSES[t] for t in entry.targets],
+            **asdict(entry.settings),
+            "success": entry.success,
+            "steps": entry.steps,
+            "seconds": round(entry.seconds, 4),
+            "heldout_accuracy_before": curve[i],
+            "heldout_accuracy_after": curve[i + 1],
+            "n_heldout": int(scored.sum()),
+            "n_fixed": sum(bool(scored[r]) for r in entry.fixed_rows),
+            "n_broken": sum(bool(scored[r]) for r in entry.broken_rows),
+        } for i, entry in enumerate(self.history)]
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         return self.shared.probabilities(images, self.params)
 
     def state_bytes(self) -> int:
-        """Memory this session's edits hold: each keeps its edited parameters, held-out probabilities, flip
+        """Memory this session's edits hold: each keeps its edited parameters, held-out probabilities and predictions, flip
         rows (Python ints), the edited images' pixels (base64) and, once a later edit kept them, their
         features entering the edited stage."""
-        return sum(_tensor_bytes(state.params.values()) + state.heldout_probs.nbytes for state in self._stack) + \
+        return sum(_tensor_bytes(state.params.values()) + state.heldout_probs.nbytes + PREDICTION_BYTES * len(state.heldout_probs)
+                   for state in self._stack) + \
             sum(ROW_BYTES * (len(e.fixed_rows) + len(e.broken_rows)) + sum(map(len, e.pixels)) for e in self.history) + \
             _tensor_bytes(self._correction_features.values())
 
@@ -434,7 +495,7 @@ class EditSession:
         probs = self.shared.base_heldout_probs
         features = self.shared.evaluator(layers).features
         return _tensor_bytes(self.shared.editable(layers).frozen_base_params().values()) + probs.nbytes + \
-            ROW_BYTES * len(probs) + n_images * (PIXELS_BYTES + features[0].nbytes)
+            (ROW_BYTES + PREDICTION_BYTES) * len(probs) + n_images * (PIXELS_BYTES + features[0].nbytes)
 
     def source_probabilities(self, key: str, images: torch.Tensor) -> torch.Tensor:
         """Probabilities of a fixed image set under the current edits (cached per state)."""
@@ -470,74 +531,109 @@ class EditSession:
         shared, device = self.shared, self.shared.device
         editor = shared.make_editor(settings.editor, settings.lr)
         target_tensor = torch.tensor(targets, device=device)
+        digests = [image_digest(image) for image in images]
         views = augmented_views(images[0])
         with shared.replica() as replica:
             editable = shared.editable(settings.layers, replica)
+            earlier = self._corrections(editable, exclude=digests)
             progress(0.0, f"editing ({settings.editor}, up to {settings.max_steps} steps)")
             start_params = self.params or editable.frozen_base_params()
             result = edit(editable, normalize(images.to(device)), target_tensor, editor, settings.max_steps,
-                          params=start_params, keep=self._corrections(editable))
+                          params=start_params, keep=earlier and (earlier.features, earlier.targets))
             progress(0.4, f"re-evaluating {len(shared.heldout):,} held-out images")
             started = time.perf_counter()
             probs_after = shared.heldout_probabilities(settings.layers, result.params)
             evaluation_seconds = time.perf_counter() - started
-            progress(0.9, "checking augmented views")
+            progress(0.9, "checking augmented views and earlier corrections")
             with torch.no_grad(), eval_mode(replica.model):
                 view_features = editable.features(normalize(views.to(device)))  # an edit leaves these unchanged
                 views_before = editable.logits_from_features(view_features, self.params or None).argmax(1).tolist()
                 views_after = editable.logits_from_features(view_features, result.params).argmax(1).tolist()
+                slipped = earlier.slipped(editable, result.params) if earlier else []
+        scored = self.scored_rows(digests)
         labels = shared.heldout.labels.cpu()
-        before, after = self.heldout_probs.argmax(1), probs_after.argmax(1)
-        changed = before != after
+        before, after = self._top.predictions, probs_after.argmax(1)
+        changed = (before != after) & scored
         fixed = torch.nonzero(changed & (after == labels)).view(-1).tolist()
         broken = torch.nonzero(changed & (before == labels)).view(-1).tolist()
-        acc_before, acc_after = self.heldout_accuracy(), self.heldout_accuracy(probs_after)
+        acc_before, acc_after = self.heldout_accuracy(before, scored), self.heldout_accuracy(after, scored)
         drop = 100 * (acc_before - acc_after)
+        n_earlier = len(earlier.names) if earlier else 0
+        corrections_held = n_earlier - len(slipped) + int((result.final_logits.argmax(1).cpu() ==
+                                                           target_tensor.cpu()).sum())
         if not _all_finite(result):
             applied, message = False, ("The edit's loss became NaN or infinite (the learning rate is probably too "
                                        "large); rolled back.")
         elif not result.success:
             applied, message = False, (f"The edit did not reach the target within {settings.max_steps} steps; "
                                        "rolled back (try more steps or a larger learning rate).")
+        elif slipped:
+            applied, message = False, (
+                f"The edit would undo {len(slipped)} of this session's {n_earlier} earlier correction(s) "
+                f"({', '.join(slipped[:5])}{', ...' if len(slipped) > 5 else ''}); rolled back. Earlier corrections "
+                "are kept: undo one of them to go on, or use the local editor, which edits with them as constraints.")
         elif settings.max_drop is not None and drop > settings.max_drop:
             applied, message = False, (f"Guardrail: held-out accuracy would drop by {drop:.2f} points "
                                        f"(limit {settings.max_drop:g}); rolled back.")
         else:
             applied, message = True, f"Edit {len(self.history) + 1} applied in {result.steps} step(s)."
+        replaced = self._earlier_targets(digests)
+        if replaced:
+            message += (" This session edited " + "; ".join(replaced) + " before: the latest target replaces the "
+                        "earlier one, and only it is kept.")
         if applied:
             self.layers = settings.layers
             self._stack.append(_State(result.params, probs_after, next(self._versions)))
             self.history.append(EditEntry(len(self.history) + 1, list(refs), list(targets),
-                                          [encode_pixels(image) for image in images], settings, result.success,
-                                          result.steps, result.seconds, acc_before, acc_after, fixed, broken))
+                                          [encode_pixels(image) for image in images], digests, settings,
+                                          result.success, result.steps, result.seconds, fixed, broken))
         return EditReport(result.success, applied, message, result.steps, result.seconds, evaluation_seconds,
-                          self.heldout_accuracy(self._base.heldout_probs), acc_before, acc_after, len(labels), len(fixed),
-                          len(broken), int(changed.sum()), shared.name, settings, list(refs), list(targets),
-                          views_before, views_after, views, before, after, fixed, broken)
+                          self.heldout_accuracy(self._base.predictions, scored), acc_before, acc_after, int(scored.sum()),
+                          len(fixed), len(broken), int(changed.sum()), n_earlier + len(targets), corrections_held,
+                          shared.name, settings, list(refs), list(targets), views_before, views_after, views, before,
+                          after, fixed, broken)
 
-    def _corrections(self, editable: EditableModel) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """This session's earlier edits as (features entering `editable`'s first stage, targets), for an
-        editor that keeps them. No edit changes those features, so each image's are computed once."""
-        if not self.history:
+    def _latest_corrections(self) -> dict[str, tuple[str, str, int]]:
+        """Each image this session edited, by digest: (its name, pixels, latest target). An image edited
+        again keeps only its latest target: that is the correction the session keeps."""
+        latest = {}
+        for entry in self.history:
+            for name, pixels, digest, target in zip(entry.image_names(), entry.pixels, entry.digests, entry.targets):
+                latest[digest] = (name, pixels, target)
+        return latest
+
+    def _earlier_targets(self, digests: list[str]) -> list[str]:
+        """'NAME (to TARGET)' for each of `digests` this session has already edited."""
+        latest = self._latest_corrections()
+        return [f"{latest[d][0]} (to {CLASSES[latest[d][2]]})" for d in dict.fromkeys(digests) if d in latest]
+
+    def _corrections(self, editable: EditableModel, exclude: list[str]) -> "Corrections | None":
+        """This session's corrections (latest target per image) but the images in `exclude`, with their
+        features entering `editable`'s first stage, which no edit changes: computed once per image."""
+        latest = {d: c for d, c in self._latest_corrections().items() if d not in exclude}
+        if not latest:
             return None
-        keys = [(editable.prefixes, p) for entry in self.history for p in entry.pixels]
-        missing = [k for k in dict.fromkeys(keys) if k not in self._correction_features]
+        keys = [(editable.prefixes, digest) for digest in latest]
+        missing = [k for k in keys if k not in self._correction_features]
         if missing:
-            images = torch.stack([decode_pixels(p) for _, p in missing]).to(self.shared.device)
+            images = torch.stack([decode_pixels(latest[digest][1]) for _, digest in missing]).to(self.shared.device)
             with torch.no_grad(), eval_mode(editable.model):
                 features = editable.features(normalize(images))
             self._correction_features.update(zip(missing, [f.clone() for f in features]))  # rows of their own
         self._correction_features = {k: self._correction_features[k] for k in keys}  # forget undone edits
-        targets = torch.tensor([t for entry in self.history for t in entry.targets])
-        return torch.stack([self._correction_features[k] for k in keys]), targets.to(self.shared.device)
+        return Corrections([name for name, _, _ in latest.values()],
+                           torch.stack([self._correction_features[k] for k in keys]),
+                           torch.tensor([target for _, _, target in latest.values()], device=self.shared.device))
 
     def last_flips(self) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]] | None:
-        """(predictions before, after, fixed rows, broken rows) of the last applied edit, or None."""
+        """(predictions before, after, fixed rows, broken rows) of the last applied edit, or None; the rows
+        are those scored now (no image the session has edited)."""
         if not self._stack:
             return None
         below = self._stack[-2] if len(self._stack) > 1 else self._base
-        entry = self.history[-1]
-        return below.heldout_probs.argmax(1), self._top.heldout_probs.argmax(1), entry.fixed_rows, entry.broken_rows
+        entry, scored = self.history[-1], self.scored_rows()
+        return (below.predictions, self._top.predictions, [r for r in entry.fixed_rows if scored[r]],
+                [r for r in entry.broken_rows if scored[r]])
 
     def undo(self) -> EditEntry | None:
         """Drop the last applied edit; returns it (None when there was none)."""
@@ -561,7 +657,7 @@ class EditSession:
             model = copy.deepcopy(self.shared.model).cpu()
         model.load_state_dict({k: v.cpu() for k, v in self.shared.edited_state_dict(self.params).items()})
         card = {**self.shared.card, "edited_from": {"checkpoint": self.shared.path.name, "sha256": self.shared.sha256},
-                "edits": [entry.summary() for entry in self.history]}
+                "edits": self.summaries()}
         card.pop("editor", None)  # save_checkpoint re-adds it from the editor it is given
         editor = copy.deepcopy(self.shared.learned_editor).cpu() if self.shared.learned_editor is not None else None
         return save_checkpoint(path, model, card, editor)
@@ -575,8 +671,10 @@ class EditSession:
             "checkpoint": {"path": self.shared.path.name, "sha256": self.shared.sha256, "arch": self.shared.card["arch"]},
             "heldout": {"source": self.shared.heldout.source, "n": len(self.shared.heldout)},
             "layers": self.layers,
-            "edits": [{**entry.summary(), "refs": [asdict(r) for r in entry.refs], "target_indices": entry.targets,
-                       "pixels": entry.pixels, "settings": asdict(entry.settings)} for entry in self.history],
+            "arithmetic": arithmetic(self.shared.device),
+            "edits": [{**summary, "refs": [asdict(r) for r in entry.refs], "target_indices": entry.targets,
+                       "pixels": entry.pixels, "settings": asdict(entry.settings)}
+                      for summary, entry in zip(self.summaries(), self.history)],
         }
 
     def replay(self, log: dict) -> list[EditReport]:
@@ -592,12 +690,44 @@ class EditSession:
         return reports
 
 
+def replay_summary(log: dict, reports: list[EditReport], session: EditSession) -> tuple[str, dict]:
+    """What replaying `log` into `session` reproduced, in words and as the report's fields. 'Reproduced
+    exactly' needs the same weights (the log's checkpoint sha256), every edit kept, and every recorded
+    held-out accuracy met exactly; the words say what else differs (threads, CPU kernels, device)."""
+    shared = session.shared
+    kept = [r for r in reports if r.applied]
+    dropped = [number for number, r in enumerate(reports, 1) if not r.applied]
+    recorded = [e.get("heldout_accuracy_after") for e in log["edits"]]
+    replayed = [s["heldout_accuracy_after"] for s in session.summaries()]
+    logged_sha = str(log["checkpoint"].get("sha256"))
+    same_weights = logged_sha == shared.sha256
+    reproduced = same_weights and not dropped and recorded == replayed
+    differences = arithmetic_differences(log.get("arithmetic"), arithmetic(shared.device))
+    parts = [f"Replayed the log's {len(reports)} edit(s) on the {shared.name} model: **{len(kept)} kept**"]
+    if dropped:
+        parts.append(f", edit(s) {', '.join(map(str, dropped))} did not succeed again and were rolled back")
+    parts.append(f". Held-out accuracy after each: {[round(100 * a, 2) for a in replayed]} — "
+                 f"{'reproduced exactly' if reproduced else 'NOT identical to the log'}.")
+    if not same_weights:
+        parts.append(f" **The log was recorded on different weights** (checkpoint sha256 {logged_sha[:12]}… in the "
+                     f"log, {shared.sha256[:12]}… here), so the replay cannot reproduce it.")
+    if log.get("version") == 1:
+        parts.append(" This version-1 log scored the session's own edited images as held-out; figures here leave "
+                     "them out.")
+    if differences:
+        parts.append(f" The arithmetic differs ({'; '.join(differences)}): the last bits of each step differ, which "
+                     "can change an edit's step count and so its weights and figures.")
+    return "".join(parts), {"replayed": len(reports), "kept": len(kept), "same_weights": same_weights,
+                            "reproduced": reproduced, "arithmetic_differences": differences}
+
+
 def parse_log(log: dict, shared: SharedModel) -> list[dict]:
     """Validate an edit log and decode its edits; raises SettingsError with the reason."""
     if not isinstance(log, dict) or log.get("format") != LOG_FORMAT:
         raise SettingsError(f"not an EditLab edit log (expected \"format\": \"{LOG_FORMAT}\")")
-    if log.get("version") != LOG_VERSION:
-        raise SettingsError(f"edit log version {log.get('version')!r} is not supported (this app reads {LOG_VERSION})")
+    if log.get("version") not in READ_LOG_VERSIONS:
+        raise SettingsError(f"edit log version {log.get('version')!r} is not supported (this app reads "
+                            f"{', '.join(map(str, READ_LOG_VERSIONS))})")
     if not isinstance(log.get("checkpoint"), dict):
         raise SettingsError("malformed edit log: \"checkpoint\" must be an object")
     arch = log["checkpoint"].get("arch")

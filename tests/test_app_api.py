@@ -46,9 +46,9 @@ def test_select_edit_report_and_undo_restores_top_k_exactly(served):
     assert isinstance(report["steps"], int) and 1 <= report["steps"] <= 50 and report["seconds"] >= 0
     for key in ("heldout_accuracy_before", "heldout_accuracy_after"):
         assert 0.0 <= report[key] <= 1.0
-    assert report["n_fixed"] >= 0 and report["n_broken"] >= 0 and report["n_heldout"] == 1000
+    assert report["n_fixed"] >= 0 and report["n_broken"] >= 0 and report["n_heldout"] == 999  # all but image 7
     assert report["heldout_accuracy_after"] == pytest.approx(
-        report["heldout_accuracy_before"] + (report["n_fixed"] - report["n_broken"]) / 1000, abs=1e-12)
+        report["heldout_accuracy_before"] + (report["n_fixed"] - report["n_broken"]) / 999, abs=1e-12)
     edited = topk_of(c.predict("test", 7, api_name="/select_image")[2])
     assert edited[0][0] == new_target
     assert len(c.predict(api_name="/history")) == 1
@@ -114,3 +114,41 @@ def test_a_fractional_or_non_numeric_image_index_is_refused(served):
                            headers={"Content-Type": "application/json"}, timeout=60).json()["event_id"]
         stream = httpx.get(f"{served}gradio_api/call/select_image/{event}", timeout=120).text
         assert "event: error" in stream and "must be a finite number" in stream
+
+
+def exported_weights(c) -> str:
+    """The path of the session's edited weights, exported through /export_weights (the app runs here)."""
+    weights = c.predict(api_name="/export_weights")["value"][0]
+    return weights["path"] if isinstance(weights, dict) else weights
+
+
+def test_twenty_corrections_score_the_980_images_they_did_not_touch(served):
+    """The session's figures are what an independent look at the exported weights finds on the other images."""
+    import torch
+
+    from editcore import CLASSES, load_checkpoint, load_sample, normalize
+
+    sample = load_sample()
+    c = client(served)
+    c.predict("test", 0, api_name="/select_image")  # the session's model: editable, as the page starts
+    exported_before = load_checkpoint(exported_weights(c))
+    with torch.no_grad():
+        wrong = torch.nonzero(exported_before.model(normalize(sample.images)).argmax(1) != sample.labels).view(-1)
+    corrected = wrong[:20].tolist()
+    for index in corrected:
+        c.predict("test", index, api_name="/select_image")
+        report = c.predict(CLASSES[int(sample.labels[index])], "editable", None, None, None, None, 0,
+                           api_name="/apply_edit")[0]
+        assert report["applied"], report["message"]
+    assert report["n_heldout"] == 980 and report["n_corrections"] == report["corrections_held"] == 20
+    exported = load_checkpoint(exported_weights(c))
+    others = torch.ones(len(sample), dtype=torch.bool)
+    others[corrected] = False
+    with torch.no_grad():
+        predictions = exported.model(normalize(sample.images)).argmax(1)
+    assert int((predictions == sample.labels)[others].sum()) / 980 == report["heldout_accuracy_after"]
+    assert bool((predictions[corrected] == sample.labels[corrected]).all())
+    history = c.predict(api_name="/history")
+    assert history[-1]["heldout_accuracy_after"] == report["heldout_accuracy_after"]
+    assert all(h["n_heldout"] == 980 for h in history)
+    c.predict(api_name="/reset")

@@ -142,3 +142,21 @@ def test_local_editor_is_pure_and_registered(tiny):
         edit(editable, inputs[:1], target, editor, max_steps=5, order="second")
     with pytest.raises(ValueError):
         create_editor("local", energy=0.0)
+
+
+def test_the_edits_copies_are_drawn_per_image_and_never_a_generalisation_view():
+    from editcore import augmented_views, view_specs
+    from editcore.locality import DEFAULT_COPIES, copy_offsets, crop_flip, image_seed
+
+    views = {spec.offset for spec in view_specs() if spec.offset is not None}
+    assert len(views) == 9  # 4 crops, the flip, 4 shifts
+    draws = [copy_offsets(DEFAULT_COPIES, seed) for seed in range(50)]
+    for moves in draws:
+        assert len(set(moves)) == DEFAULT_COPIES and not set(moves) & (views | {(0, 0, False)})
+    assert len({tuple(moves) for moves in draws}) == 50  # a different set for each seed
+    image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    other = image.roll(1, -1)
+    assert image_seed(image) == image_seed(image.clone()) != image_seed(other)
+    # No copy equals one of the 16 views pixel for pixel.
+    copies = [crop_flip(image[None], *move)[0] for move in copy_offsets(DEFAULT_COPIES, image_seed(image))]
+    assert not any(torch.equal(c, v) for c in copies for v in augmented_views(image))

@@ -13,8 +13,9 @@ from PIL import Image
 from app_support import make_lab
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-from editcore import (CLASSES, EDITORS, SOURCE_TEST, SOURCE_UPLOADS, BrowseQuery, EditSettings, ImageError, ImageRef,
-                      SettingsError, compare_fixes, decode_image, load_checkpoint, normalize, read_log)
+from editcore import (CLASSES, EDITORS, SOURCE_TEST, SOURCE_UPLOADS, BrowseQuery, EditSession, EditSettings, ImageError,
+                      ImageRef, SettingsError, compare_fixes, decode_image, load_checkpoint, normalize, read_log,
+                      replay_summary)
 
 
 
@@ -45,25 +46,29 @@ def first_misclassified(ws, model="baseline"):
 def test_apply_report_adds_up_and_matches_the_exported_model(ws, lab, tmp_path):
     item = first_misclassified(ws)
     session = ws.session("baseline")
-    base_accuracy = session.heldout_accuracy()
     report = ws.apply("baseline", item.label, EditSettings(editor="rmsprop", lr=1e-3, max_steps=20))
     d = report.to_dict()
     assert d["success"] and d["applied"] and d["steps"] >= 1 and d["seconds"] >= 0
-    assert d["heldout_accuracy_before"] == d["heldout_accuracy_base"] == base_accuracy
-    n = d["n_heldout"]
-    assert n == len(lab.sources[SOURCE_TEST]) == 1000
-    # Accuracy moves by exactly (fixed - broken) / n; the edited image is in the held-out set and now right.
-    assert d["heldout_accuracy_after"] == pytest.approx(base_accuracy + (d["n_fixed"] - d["n_broken"]) / n, abs=1e-12)
-    assert item.ref.index in report.fixed_rows
-    assert d["n_fixed"] + d["n_broken"] <= d["n_changed"]
-    assert session.topk(item.image)[0][0] == CLASSES[item.label]
-    # The cached-feature evaluation agrees with the whole exported model run from scratch.
-    exported = load_checkpoint(session.export_weights(tmp_path / "edited.safetensors"))
+    # The edited image is not scored as held-out: 999 of the sample's 1,000 images are.
     test = lab.sources[SOURCE_TEST]
+    others = torch.arange(len(test)) != item.ref.index
+    n = d["n_heldout"]
+    assert n == int(others.sum()) == 999 and session.heldout_accuracy() == d["heldout_accuracy_after"]
+    base_accuracy = int((session._base.predictions == test.labels)[others].sum()) / n
+    assert d["heldout_accuracy_before"] == d["heldout_accuracy_base"] == base_accuracy
+    # Accuracy moves by exactly (fixed - broken) / n; the edited image is neither.
+    assert d["heldout_accuracy_after"] == pytest.approx(base_accuracy + (d["n_fixed"] - d["n_broken"]) / n, abs=1e-12)
+    assert item.ref.index not in report.fixed_rows + report.broken_rows
+    assert d["n_fixed"] + d["n_broken"] <= d["n_changed"]
+    assert d["n_corrections"] == d["corrections_held"] == 1
+    assert session.topk(item.image)[0][0] == CLASSES[item.label]
+    # The cached-feature evaluation agrees with the whole exported model run from scratch on the other images.
+    exported = load_checkpoint(session.export_weights(tmp_path / "edited.safetensors"))
     with torch.no_grad():
         predictions = exported.model(normalize(test.images)).argmax(1)
-    assert int((predictions == test.labels).sum()) / n == d["heldout_accuracy_after"]
+    assert int((predictions == test.labels)[others].sum()) / n == d["heldout_accuracy_after"]
     assert exported.card["edits"][0]["targets"] == [CLASSES[item.label]]
+    assert exported.card["edits"][0]["heldout_accuracy_after"] == d["heldout_accuracy_after"]
 
 
 def test_undo_restores_the_top_k_exactly_and_reset_clears(ws):
@@ -142,9 +147,99 @@ def test_edit_log_replays_to_the_same_model(ws, lab):
     text = json.dumps(session.log())
     other = lab.registry.get("replayer").session("editable")
     reports = other.replay(read_log(text))
-    assert [r.heldout_accuracy_after for r in reports] == [e.heldout_accuracy_after for e in session.history]
+    after = [s["heldout_accuracy_after"] for s in session.summaries()]
+    assert [s["heldout_accuracy_after"] for s in other.summaries()] == after == \
+        [e["heldout_accuracy_after"] for e in json.loads(text)["edits"]]
+    assert reports[-1].heldout_accuracy_after == after[-1]  # the last report scores the same images as the log
     assert all(torch.equal(other.params[k], session.params[k]) for k in session.params)
     assert [e.refs for e in other.history] == [e.refs for e in session.history]
+    message, fields = replay_summary(read_log(text), reports, other)
+    assert fields["reproduced"] and fields["arithmetic_differences"] == [] and "reproduced exactly" in message
+
+
+def test_a_log_replayed_with_another_thread_count_says_so(ws, lab):
+    item = first_misclassified(ws, "editable")
+    session = ws.session("editable")
+    assert ws.apply("editable", item.label, EditSettings()).applied
+    log = session.log()
+    assert log["arithmetic"]["threads"] == torch.get_num_threads() == 1  # the module runs on one thread
+    other = lab.registry.get("replayer-2").session("editable")
+    torch.set_num_threads(2)  # as a server started with --threads 2
+    try:
+        reports = other.replay(json.loads(json.dumps(log)))
+        message, fields = replay_summary(log, reports, other)
+    finally:
+        torch.set_num_threads(1)
+    assert fields["arithmetic_differences"] == ["threads 1 in the log, 2 here"]
+    assert "threads 1 in the log, 2 here" in message and "step count" in message
+    if not fields["reproduced"]:
+        assert "NOT identical" in message
+
+
+def test_held_out_figures_leave_out_every_image_the_session_edited(ws, lab):
+    session = ws.session("editable")
+    test = lab.sources[SOURCE_TEST]
+    page = ws.browse("editable", BrowseQuery(misclassified=True, page_size=3))
+    for item in page.items:
+        ws.select(item.ref)
+        report = ws.apply("editable", item.label, EditSettings())
+        assert report.applied and report.n_corrections == report.corrections_held == len(session.history)
+    edited = [item.ref.index for item in page.items]
+    scored = torch.ones(len(test), dtype=torch.bool)
+    scored[edited] = False
+    assert torch.equal(session.scored_rows(), scored) and report.n_heldout == len(test) - 3
+    predictions = [state.predictions for state in [session._base, *session._stack]]
+    expected = [int((p == test.labels)[scored].sum()) / int(scored.sum()) for p in predictions]
+    assert session.accuracy_curve() == expected
+    summaries = session.summaries()
+    assert [s["heldout_accuracy_after"] for s in summaries] == expected[1:]
+    assert all(s["n_heldout"] == len(test) - 3 for s in summaries)
+    _, _, fixed, broken = session.last_flips()
+    assert not set(fixed + broken) & set(edited)
+
+
+def test_an_edit_that_would_undo_an_earlier_correction_is_refused(lab):
+    """A constructed conflict: correct image A, then edit its mirror image to another class with a large
+    RMSProp step (which ignores earlier corrections): A would follow its mirror, so the edit is refused."""
+    session = EditSession(lab.models["baseline"])
+    test = lab.sources[SOURCE_TEST]
+    a = int(torch.nonzero(session._base.predictions == test.labels)[0])  # a correct image to "correct" again
+    rmsprop = EditSettings(editor="rmsprop", lr=0.05, max_steps=20)
+    first = session.apply(test.images[a][None], [int(test.labels[a])], rmsprop, [ImageRef("test", a)])
+    assert first.applied and first.steps == 0
+    other = (int(test.labels[a]) + 1) % 10
+    mirror = test.images[a].flip(-1)[None]
+    report = session.apply(mirror, [other], rmsprop, [ImageRef("uploads", 0)])
+    assert report.success and not report.applied
+    assert f"undo 1 of this session's 1 earlier correction(s) (test:{a})" in report.message
+    assert report.n_corrections == 2 and report.corrections_held == 1
+    assert len(session.history) == 1 and session.topk(test.images[a])[0][0] == CLASSES[int(test.labels[a])]
+
+
+def test_editing_an_image_again_replaces_its_earlier_target(ws):
+    item = first_misclassified(ws, "editable")
+    session = ws.session("editable")
+    wrong = (item.label + 1) % 10 if (item.label + 1) % 10 != item.predicted else (item.label + 2) % 10
+    assert ws.apply("editable", wrong, EditSettings(max_steps=50)).applied
+    report = ws.apply("editable", item.label, EditSettings())  # back to its true label, no undo in between
+    assert report.applied and report.success, report.message
+    assert f"{item.ref.source}:{item.ref.index} (to {CLASSES[wrong]})" in report.message
+    assert "latest target replaces" in report.message
+    assert report.n_corrections == report.corrections_held == 1
+    assert report.n_heldout == 999
+
+
+def test_one_feature_cache_per_model_and_split(lab):
+    shared = lab.models["editable"]
+    assert shared.evaluator("layer3") is shared.evaluator("layer3.0.conv1")
+    first, second = EditSession(shared), EditSession(shared)
+    image = lab.sources[SOURCE_TEST].images[0][None]
+    for number, session in enumerate((first, second)):
+        session.apply(image, [number], EditSettings(), [ImageRef("test", 0)])
+    with shared.replica() as replica:
+        assert shared._evaluator_on(replica, "layer3.0.conv1").features.data_ptr() == \
+            shared.evaluator("layer3").features.data_ptr()
+    assert len(shared.primary.evaluators) == 1
 
 
 @pytest.mark.parametrize("mutate, message", [
