@@ -11,7 +11,7 @@
 #   tools/paper_runs.sh start NAME...   start (or resume) each run on THREADS torch threads (default 1)
 #   tools/paper_runs.sh status          each run's progress and whether it is running
 #   tools/paper_runs.sh save            git add each run's latest state (then commit it)
-#   tools/paper_runs.sh stop            stop every run (its state keeps the last EVERY steps' work)
+#   tools/paper_runs.sh stop [NAME...]  stop the named runs, or every run (a state keeps all but the last EVERY steps)
 # Runs: editable (the paper's recipe, edits on the architecture's default layer3), baseline (same outer
 # recipe, no edit terms), editable_layer2 / baseline_layer2 (edits and their scoring on layer2).
 cd "$(dirname "$0")/.."
@@ -81,6 +81,8 @@ case "${1:-}" in
       grep -E "^epoch=|early stop|keeping" "$dir/train.log" 2>/dev/null | tail -2 | cut -c1-220
     done ;;
   save) git add -f runs/*/state.safetensors runs/*/state.json && git status --short runs/ ;;
-  stop) for pidfile in runs/*/pid; do kill "$(cat "$pidfile")" 2>/dev/null && echo "stopped $(dirname "$pidfile")"; done ;;
+  stop)
+    shift; names=("$@"); [ $# -gt 0 ] || names=($(ls runs))
+    for name in "${names[@]}"; do running "$name" && kill "$(cat "runs/$name/pid")" && echo "stopped $name"; done ;;
   *) sed -n '2,19p' "$0"; exit 2 ;;
 esac
