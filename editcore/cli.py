@@ -90,6 +90,8 @@ def cmd_train(args) -> int:
 def run_training(args, device: torch.device) -> int:
     if args.checkpoint_from_state and not args.resume:
         raise SystemExit("--checkpoint-from-state needs --resume STATE")
+    if args.latest and not args.checkpoint_from_state:
+        raise SystemExit("--latest goes with --checkpoint-from-state")
     command = "python -m editcore " + shlex.join(args.argv)
     resume = load_state(args.resume) if args.resume else None
     if resume:
@@ -127,7 +129,7 @@ def run_training(args, device: torch.device) -> int:
     model, editor, summary = train(config, train_set, test_set, device, init_model, init_editor, log=say,
                                    state_path=state_path, state_every_steps=args.state_every_steps, resume=resume,
                                    stop_after_steps=args.stop_after_steps, state_meta=meta,
-                                   train_more=not args.checkpoint_from_state)
+                                   train_more=not args.checkpoint_from_state, keep_best=not args.latest)
     if dist.is_initialized() and dist.get_rank() != 0:
         return 0
     if not summary["finished"]:
@@ -160,7 +162,7 @@ def run_training(args, device: torch.device) -> int:
     }
     if args.checkpoint_from_state:
         card["from_state"] = {"command": command, "state": args.resume, "epochs_done": summary["epochs_done"], "steps": summary["steps"],
-                              "finished": resume["finished"]}
+                              "finished": resume["finished"], "weights": "latest" if args.latest else "best epoch"}
     for key in ("best_epoch", "best_val_score", "editor_trained"):
         if key in summary:
             card[key] = summary[key]
@@ -416,6 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-from-state", action="store_true",
                    help="with --resume: train no further, write --out from the state's best epoch so far (its latest "
                         "weights without --val-size), and leave the state as it is (look at a run while it goes on)")
+    p.add_argument("--latest", action="store_true",
+                   help="with --checkpoint-from-state: the state's latest weights, not its best epoch (to score epoch N)")
     p.add_argument("--out", required=True, help="output .safetensors path (card also written as .json)")
     p.set_defaults(func=cmd_train)
 

@@ -481,10 +481,11 @@ class EditSession:
         return self.shared.probabilities(images, self.params)
 
     def state_bytes(self) -> int:
-        """Memory this session's edits hold: each keeps its edited parameters, held-out probabilities and predictions, flip
-        rows (Python ints), the edited images' pixels (base64) and, once a later edit kept them, their
-        features entering the edited stage."""
-        return sum(_tensor_bytes(state.params.values()) + state.heldout_probs.nbytes + PREDICTION_BYTES * len(state.heldout_probs)
+        """Memory this session's edits hold: each keeps its edited parameters, held-out probabilities and
+        predictions, flip rows (Python ints), the edited images' pixels (base64) and, once a later edit kept
+        them, their features entering the edited stage."""
+        return sum(_tensor_bytes(state.params.values()) + (state.heldout_probs.nbytes +
+                                                           PREDICTION_BYTES * len(state.heldout_probs))
                    for state in self._stack) + \
             sum(ROW_BYTES * (len(e.fixed_rows) + len(e.broken_rows)) + sum(map(len, e.pixels)) for e in self.history) + \
             _tensor_bytes(self._correction_features.values())

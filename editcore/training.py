@@ -317,6 +317,7 @@ def train(
     stop_after_steps: int = 0,
     state_meta: dict | None = None,
     train_more: bool = True,
+    keep_best: bool = True,
 ) -> tuple[StagedNet, Editor | None, dict]:
     """Train and return (model, editor or None, summary dict for the model card).
 
@@ -326,7 +327,8 @@ def train(
     done in all, as an interruption would, after writing the state: summary['finished'] is then False.
     `state_meta` is stored in the state as is (the CLI keeps its command and data there). `train_more=False`
     with `resume` takes no step and returns the state's best epoch so far (its latest weights without a
-    validation split), writing nothing: summary['epochs_done'] says how far the run had come. Under torchrun
+    validation split; `keep_best=False`: its latest weights in any case), writing nothing:
+    summary['epochs_done'] says how far the run had come. Under torchrun
     (a process group is initialised) every rank calls this; only rank 0 logs and writes the state.
     """
     rank, world = rank_and_world()
@@ -476,7 +478,7 @@ def train(
     summary = {"config": asdict(config), "wall_seconds": round(seconds_before + time.time() - start, 1),
                "history": history, "world_size": world, "finished": not interrupted, "steps": step,
                "epochs_done": epoch}
-    if best is not None and not interrupted:
+    if best is not None and not interrupted and keep_best:
         model.load_state_dict(best["model"])
         if editor is not None:
             editor.load_state_dict(best["editor"])

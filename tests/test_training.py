@@ -143,6 +143,12 @@ def test_paper_recipe_on_the_sample_writes_a_card_with_the_outer_and_editor_sett
     so_far = load_checkpoint(out).card
     assert so_far["from_state"]["epochs_done"] == 1 and not so_far["from_state"]["finished"] and so_far["best_epoch"] == 1
     assert "resumed" not in so_far
+    latest = tmp_path / "latest.safetensors"  # the weights as the run left them, one step into epoch 2
+    assert main(["train", "--resume", str(state), "--checkpoint-from-state", "--latest", "--out", str(latest)]) == 0
+    saved, best = load_state(state)["model"], load_checkpoint(out).model.state_dict()
+    weights = load_checkpoint(latest).model.state_dict()
+    assert all(torch.equal(v, saved[k]) for k, v in weights.items()) and not torch.equal(weights["head.fc.weight"], best["head.fc.weight"])
+    assert load_checkpoint(latest).card["from_state"]["weights"] == "latest"
     assert main(["train", "--resume", str(state), "--out", str(out)]) == 0
 
     ckpt = load_checkpoint(out)
