@@ -332,7 +332,8 @@ def build_demo(lab: Lab) -> gr.Blocks:
         gr.Markdown("# EditLab")
         gr.Markdown(INTRO, elem_classes="intro")
         gr.Markdown(f"Held-out set: {len(heldout):,} CIFAR-10 test images"
-                    f"{' (the embedded sample; pass --data-root for all 10,000)' if len(heldout) < 10000 else ''}. "
+                    f"{' (the embedded sample; pass --data-root for all 10,000)' if len(heldout) < 10000 else ''}; "
+                    "every held-out figure leaves out the images you have edited. "
                     "Your edits are private to this browser tab and vanish when you close it.")
         if lab.notes:
             gr.Markdown("\n".join(f"⚠️ {note}" for note in lab.notes), elem_classes="notes")
