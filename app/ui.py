@@ -234,16 +234,18 @@ class Handlers:
 
     @user_errors
     def compare(self, target: str, editor: str, max_steps: float, request: gr.Request, progress=gr.Progress()):
-        """API /compare: the selected correction by every method (lookup tables, fine-tuning, the editor on
-        each model), each from its unedited model; the session's own edits are not touched."""
+        """API /compare: the selected correction by every method on every model (lookup tables, fine-tuning, the
+        local editor, RMSProp, and the selected editor), each from its unedited model; the session's own edits are
+        not touched."""
         ws = self.workspace(request)
         if target not in CLASSES:
             raise SettingsError(f"target must be one of {', '.join(CLASSES)}, got {target!r}")
         settings = EditSettings(editor=editor, max_steps=max_steps).resolved(self.lab.models[ws.model])
-        _, image, _ = ws.selected()
+        ref, image, _ = ws.selected()
         progress(0.0, desc="loading training images for fine-tuning's replay")
         views, outcomes = compare_fixes(self.lab.models, image, CLASSES.index(target), settings.editor,
-                                        settings.max_steps, self.lab.replay_set(), patched=ws.model,
+                                        settings.max_steps, self.lab.replay_set(),
+                                        heldout_row=ref.index if ref.source == SOURCE_TEST else None,
                                         progress=lambda fraction, stage: progress(fraction, desc=stage))
         return render.compare_html(views, self.view_names, outcomes, CLASSES.index(target)), \
             [o.to_dict() for o in outcomes]
@@ -443,9 +445,9 @@ def build_demo(lab: Lab) -> gr.Blocks:
                     history_button = gr.Button("Refresh", size="sm")
                     history_json = gr.JSON()
             with gr.Tab("Compare methods"):
-                gr.Markdown("Correct the selected image to the chosen label with a lookup table and fine-tuning (of "
-                            "the model on screen) and the editor on each model, side by side, each from the unedited "
-                            "weights. Your session's edits are not changed.")
+                gr.Markdown("Correct the selected image to the chosen label with lookup tables, fine-tuning, the local "
+                            "editor and the paper's RMSProp (and the editor selected above, if another) on each model, "
+                            "side by side, each from the unedited weights. Your session's edits are not changed.")
                 compare_button = gr.Button("Compare methods on the selected image", variant="primary",
                                            elem_id="compare")
                 compare_table = gr.HTML(elem_id="compare-table")
