@@ -18,7 +18,8 @@ import gradio as gr
 from editcore import (CLASSES, DEFAULT_EDITOR, EDITORS, SOURCE_TEST, SOURCE_UPLOADS, BrowseQuery, EditSettings, ImageError, ImageRef,
                       Lab, SettingsError, compare_fixes, read_log, view_names)
 
-from . import render
+from . import render, render_measure
+from .measure_tab import MeasureHandlers, build_measure_tab
 
 EDITOR_LABELS = {"local": "Local (one conv, projected)", "rmsprop": "RMSProp", "rmsprop-paper": "RMSProp (paper code)",
                  "gd": "Gradient descent", "momentum": "Momentum", "adam": "Adam"}
@@ -461,6 +462,8 @@ def build_demo(lab: Lab) -> gr.Blocks:
                     add_batch = gr.Button("Add selected image to batch")
                     apply_batch = gr.Button("Apply batch edit", variant="primary")
                     clear_batch = gr.Button("Clear batch")
+            measure_handlers = MeasureHandlers(lab, handlers._export_path, EDITOR_LABELS)
+            build_measure_tab(lab, measure_handlers)
 
         # ---- wiring ----
         browse_outputs = [browse_gallery, page_info]
@@ -473,6 +476,7 @@ def build_demo(lab: Lab) -> gr.Blocks:
         demo.load(handlers.on_load, outputs=[model, lr, max_steps, layers, selected, target, *effect_outputs],
                   api_visibility="private")
         demo.unload(handlers.unload)
+        demo.unload(measure_handlers.unload)  # a closed tab's protocol run stops after its current edit
         for control in (source, label_filter, misclassified, sort):
             control.input(handlers.browse, filters, browse_outputs, api_visibility="private")
         for control in (min_confidence, max_confidence):
@@ -508,7 +512,7 @@ def launch(lab: Lab, host: str = "127.0.0.1", port: int = 7860, block: bool = Tr
     demo.queue(default_concurrency_limit=4)
     # Gradio keeps every session's component values (plots, galleries, HTML) for up to 10,000 sessions
     # by default, closed ones included; keep as many as the lab keeps workspaces, twice over.
-    demo.launch(server_name=host, server_port=port, share=False, ssr_mode=False, css=render.CSS,
+    demo.launch(server_name=host, server_port=port, share=False, ssr_mode=False, css=render.CSS + render_measure.CSS,
                 footer_links=["api"], max_file_size="25mb", prevent_thread_lock=not block, quiet=quiet,
                 state_session_capacity=2 * lab.registry.max_workspaces)
     return demo, f"http://{host}:{port}/"

@@ -114,3 +114,21 @@ def test_a_fractional_or_non_numeric_image_index_is_refused(served):
                            headers={"Content-Type": "application/json"}, timeout=60).json()["event_id"]
         stream = httpx.get(f"{served}gradio_api/call/select_image/{event}", timeout=120).text
         assert "event: error" in stream and "must be a finite number" in stream
+
+
+def test_run_protocol_measures_then_answers_from_its_cache(served):
+    c = client(served)
+    assert "/run_protocol" in c.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    results, status, *_ = c.predict("other", 10, 2, ["gd"], ["baseline"], api_name="/run_protocol")
+    row, = results["rows"]
+    assert (row["model"], row["editor"], row["protocol"], row["n_edits"], row["seed"]) == ("baseline", "gd", "other", 10, 2)
+    assert len(row["drawdowns"]) == row["summary"]["n_edits"] == 10 and not row["from_cache"]
+    assert row["summary"]["drawdown"] == pytest.approx(sum(row["drawdowns"]) / 10)
+    again, status, *_ = client(served).predict("other", 10, 2, ["gd"], ["baseline"], api_name="/run_protocol")
+    assert again["rows"][0]["from_cache"] and again["rows"][0]["summary"] == row["summary"]
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="maximum value 500"):  # the slider's bound, checked before the handler's
+        c.predict("other", 501, 2, ["gd"], ["baseline"], api_name="/run_protocol")
+    with pytest.raises(AppError, match="choose at least one editor"):
+        c.predict("other", 10, 2, [], ["baseline"], api_name="/run_protocol")
