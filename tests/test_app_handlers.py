@@ -299,3 +299,22 @@ def test_a_compare_row_says_plainly_when_its_method_did_not_fix_the_image(handle
                             [0] * 16, [1] * 16, {}, 999, 500)
     table = render.compare_html(torch.zeros(16, 3, 32, 32, dtype=torch.uint8), handlers.view_names, [outcome], 3)
     assert "NOT fixed</b> within 500 steps" in table and "500 of up to 500" in table and "999 images" in table
+
+
+def test_training_history_draws_what_each_card_recorded():
+    from app.render_measure import training_history
+
+    baseline = {"objective": "baseline", "epochs": 2, "test_accuracy": 0.6, "command": "train ...",
+                "history": [{"epoch": 1, "loss_base": 1.2, "test_accuracy": 0.5}, {"epoch": 2, "loss_base": 0.9,
+                                                                                    "test_accuracy": 0.6}]}
+    editable = {"objective": "editable", "epochs": 1, "test_accuracy": 0.58, "init": "runs/gpu/base.safetensors",
+                "editable_prefix": "layer3", "editor": {"name": "rmsprop", "lr": 2e-4, "beta": 0.9},
+                "train_config": {"c_edit": 0.01, "c_loc": 1.0, "editor": "rmsprop", "max_steps": 10, "order": "second"},
+                "history": [{"epoch": 1, "loss_base": 1.0, "loss_edit": 0.1, "loss_loc": 0.3, "val_error": 0.4,
+                             "val_drawdown": 0.05, "test_accuracy": 0.58, "editor": {"lr": 2e-4, "beta": 0.9}}]}
+    drawn = training_history({"baseline": baseline, "editable": editable},
+                             {"baseline": "base.safetensors", "editable": "editable.safetensors"})
+    assert drawn.count("<svg") == 6 and "not recorded" not in drawn and "no editor was learned" not in drawn
+    assert "drawn after the baseline model's 2" in drawn and "c_loc = 1.0" in drawn and "learned lr 0.0002" in drawn
+    alone = training_history({"baseline": baseline}, {"baseline": "base.safetensors"})
+    assert "no model here was trained for edits" in alone and "not recorded: trained without --val-size" in alone
