@@ -154,3 +154,22 @@ def test_between_two_edits_a_run_holds_no_replica(small_models):
 
     measure({"baseline": shared}, MeasureSettings("other", MIN_EDITS, 4, ("gd",)), heldout, progress=between_edits)
     assert took_all == [True] * MIN_EDITS
+
+
+def test_corrections_are_capped_by_each_models_mistakes_and_nae_edits_the_nae_set(small_models):
+    from editcore import full_logits
+    from editcore.nae import load_nae
+
+    models, heldout = small_models
+    shared = models["baseline"]
+    mistakes = int((full_logits(shared.model, heldout.images).argmax(1) != heldout.labels).sum())
+    assert mistakes < MIN_EDITS  # the first 100 sample images: fewer mistakes than N, so the cap shows
+    ticks = []
+    row, = measure({"baseline": shared}, MeasureSettings("corrections", MIN_EDITS, 0, ("gd",)), heldout,
+                   progress=lambda done, total, stage: ticks.append(total))
+    assert row.summary["n_edits"] == len(row.records) == mistakes and set(ticks) == {mistakes}
+    assert all(r["target"] == int(heldout.labels[r["index"]]) for r in row.records)  # each to its true label
+    nae = load_nae()
+    row, = measure({"baseline": shared}, MeasureSettings("nae", MIN_EDITS, 0, ("gd",)), heldout, nae)
+    assert row.edit_source == f"cifar10-nae:{len(nae)}" and row.summary["n_heldout"] == len(heldout)
+    assert {r["index"] for r in row.records} <= set(nae.indices.tolist())
