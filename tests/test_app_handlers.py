@@ -276,6 +276,10 @@ def test_the_measure_tab_gives_evaluate_edits_numbers_with_progress_and_download
     with pytest.raises(gr.Error, match="N must be"):
         tab.run_protocol("other", 5000, 5, ["rmsprop"], ["baseline"], request("measure"))
     assert "No measurement is running" in tab.cancel(request("measure"))
+    # Cancel (as the page's button does from its own request) stops the run after the current edit.
+    cancel_at_two = lambda value, desc=None, unit=None: value[0] == 2 and tab.cancel(request("measure"))  # noqa: E731
+    status = tab.run_protocol("other", 10, 6, ["rmsprop"], ["baseline"], request("measure"), progress=cancel_at_two)[1]
+    assert status.startswith("**Cancelled**") and "after 2 of 10 edits" in status
 
 
 def test_the_measure_tab_opens_with_the_shipped_results_of_its_default_settings(handlers):
