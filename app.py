@@ -2,13 +2,14 @@
 import argparse
 import os
 import sys
+import threading
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no outside connection
 
 import torch  # noqa: E402
 
-from editcore import DEFAULT_THREADS, DataError, Lab, limit_allocator_retention, read_card  # noqa: E402
+from editcore import DEFAULT_THREADS, DataError, Lab, limit_allocator_retention, prepare_editors, read_card  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_CHECKPOINTS = [f"baseline={ASSETS / 'resnet20_baseline.safetensors'}",
@@ -75,6 +76,8 @@ def main(argv=None) -> int:
         say(f"warning: {note}")
     from app import launch  # gradio is imported only once the lab is ready
 
+    # The local editor's anchor subspaces in the background: the first edit and the first protocol run skip them.
+    threading.Thread(target=prepare_editors, args=(lab.models,), daemon=True).start()
     launch(lab, args.host, args.port)
     return 0
 

@@ -18,7 +18,8 @@ import gradio as gr
 from editcore import (CLASSES, DEFAULT_EDITOR, EDITORS, SOURCE_TEST, SOURCE_UPLOADS, BrowseQuery, EditSettings, ImageError, ImageRef,
                       Lab, SettingsError, compare_fixes, read_log, replay_summary, view_names)
 
-from . import render
+from . import render, render_measure
+from .measure_tab import MeasureHandlers, build_measure_tab
 
 EDITOR_LABELS = {"local": "Local (one conv, projected)", "rmsprop": "RMSProp", "rmsprop-paper": "RMSProp (paper code)",
                  "gd": "Gradient descent", "momentum": "Momentum", "adam": "Adam"}
@@ -236,16 +237,18 @@ class Handlers:
 
     @user_errors
     def compare(self, target: str, editor: str, max_steps: float, request: gr.Request, progress=gr.Progress()):
-        """API /compare: the selected correction by every method (lookup tables, fine-tuning, the editor on
-        each model), each from its unedited model; the session's own edits are not touched."""
+        """API /compare: the selected correction by every method on every model (lookup tables, fine-tuning, the
+        local editor, RMSProp, and the selected editor), each from its unedited model; the session's own edits are
+        not touched."""
         ws = self.workspace(request)
         if target not in CLASSES:
             raise SettingsError(f"target must be one of {', '.join(CLASSES)}, got {target!r}")
         settings = EditSettings(editor=editor, max_steps=max_steps).resolved(self.lab.models[ws.model])
-        _, image, _ = ws.selected()
+        ref, image, _ = ws.selected()
         progress(0.0, desc="loading training images for fine-tuning's replay")
         views, outcomes = compare_fixes(self.lab.models, image, CLASSES.index(target), settings.editor,
-                                        settings.max_steps, self.lab.replay_set(), patched=ws.model,
+                                        settings.max_steps, self.lab.replay_set(),
+                                        heldout_row=ref.index if ref.source == SOURCE_TEST else None,
                                         progress=lambda fraction, stage: progress(fraction, desc=stage))
         return render.compare_html(views, self.view_names, outcomes, CLASSES.index(target)), \
             [o.to_dict() for o in outcomes]
@@ -424,9 +427,9 @@ def build_demo(lab: Lab) -> gr.Blocks:
                     history_button = gr.Button("Refresh", size="sm")
                     history_json = gr.JSON()
             with gr.Tab("Compare methods"):
-                gr.Markdown("Correct the selected image to the chosen label with a lookup table and fine-tuning (of "
-                            "the model on screen) and the editor on each model, side by side, each from the unedited "
-                            "weights. Your session's edits are not changed.")
+                gr.Markdown("Correct the selected image to the chosen label with lookup tables, fine-tuning, the local "
+                            "editor and the paper's RMSProp (and the editor selected above, if another) on each model, "
+                            "side by side, each from the unedited weights. Your session's edits are not changed.")
                 compare_button = gr.Button("Compare methods on the selected image", variant="primary",
                                            elem_id="compare")
                 compare_table = gr.HTML(elem_id="compare-table")
@@ -440,6 +443,8 @@ def build_demo(lab: Lab) -> gr.Blocks:
                     add_batch = gr.Button("Add selected image to batch")
                     apply_batch = gr.Button("Apply batch edit", variant="primary")
                     clear_batch = gr.Button("Clear batch")
+            measure_handlers = MeasureHandlers(lab, handlers._export_path, EDITOR_LABELS)
+            build_measure_tab(lab, measure_handlers)
 
         # ---- wiring ----
         browse_outputs = [browse_gallery, page_info]
@@ -452,6 +457,7 @@ def build_demo(lab: Lab) -> gr.Blocks:
         demo.load(handlers.on_load, outputs=[model, lr, max_steps, layers, selected, target, *effect_outputs],
                   api_visibility="private")
         demo.unload(handlers.unload)
+        demo.unload(measure_handlers.unload)  # a closed tab's protocol run stops after its current edit
         for control in (source, label_filter, misclassified, sort):
             control.input(handlers.browse, filters, browse_outputs, api_visibility="private")
         for control in (min_confidence, max_confidence):
@@ -487,7 +493,7 @@ def launch(lab: Lab, host: str = "127.0.0.1", port: int = 7860, block: bool = Tr
     demo.queue(default_concurrency_limit=4)
     # Gradio keeps every session's component values (plots, galleries, HTML) for up to 10,000 sessions
     # by default, closed ones included; keep as many as the lab keeps workspaces, twice over.
-    demo.launch(server_name=host, server_port=port, share=False, ssr_mode=False, css=render.CSS,
+    demo.launch(server_name=host, server_port=port, share=False, ssr_mode=False, css=render.CSS + render_measure.CSS,
                 footer_links=["api"], max_file_size="25mb", prevent_thread_lock=not block, quiet=quiet,
                 state_session_capacity=2 * lab.registry.max_workspaces)
     return demo, f"http://{host}:{port}/"

@@ -15,6 +15,9 @@ from .training import TrainConfig, accuracy, train
 from .session import (DEFAULT_EDITOR, Corrections, EditEntry, EditReport, EditSession, EditSettings, ImageRef, SettingsError, SharedModel,
                       image_digest, read_log, replay_summary, view_names)
 from .compare import MethodOutcome, compare_fixes
+from .measure import (DEFAULT_EDITORS, MAX_EDITS, MEASURE_PROTOCOLS, MIN_EDITS, PROTOCOL_LABELS, MeasureCancelled,
+                      MeasureRow, MeasureSettings, ProtocolRuns, ResultCache, cached_rows, edits_csv, measure,
+                      measure_command, prepare_editors, results_json, summary_csv)
 from .workspace import (SORTS, SOURCE_NAE, SOURCE_TEST, SOURCE_UPLOADS, BrowseItem, BrowsePage, BrowseQuery, ImageError, Lab,
                         Workspace, decode_image, limit_allocator_retention)
 

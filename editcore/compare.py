@@ -1,10 +1,11 @@
 """The teaching view's numbers: one correction, fixed by every method, each from its unedited model.
 
-Methods: a lookup table (exact match, and nearest neighbour in pixel space) and fine-tuning of one
-model (the one the user is looking at), and the gradient editor on every loaded model (baseline- and editable-trained)
-at the editor's tuned default rate, and at the rate editable training learned where there is one.
-For each: success, steps, time, held-out accuracy before and after, how many held-out predictions
-the fix corrected or broke, and its predictions on augmented views of the image (does it generalise?).
+Methods, each on every loaded model (baseline- and editable-trained): a lookup table (exact match, and nearest
+neighbour in pixel space), fine-tuning (until the image is fixed, within a step budget), the page's local editor and
+the paper's RMSProp at their tuned default rates, RMSProp at the rate editable training learned where there is one,
+and the editor selected on the page when it is another. For each: success, steps, time, held-out accuracy before
+and after (the corrected image left out when it is a held-out image), how many held-out predictions the fix
+corrected or broke, and its predictions on augmented views of the image (does it generalise?).
 """
 from __future__ import annotations
 
@@ -35,13 +36,17 @@ class MethodOutcome:
     views_before: list[int]
     views_after: list[int]
     hyperparameters: dict = field(default_factory=dict)
+    n_heldout: int = 0  # held-out images scored (the corrected image left out when it is one of them)
+    max_steps: int | None = None  # the step budget it had (None: no steps)
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
 
 
 def _run(title: str, detail: str, shared: SharedModel, fixer: Fixer, image: torch.Tensor, target: int,
-         views: torch.Tensor) -> MethodOutcome:
+         views: torch.Tensor, heldout_row: int | None = None) -> MethodOutcome:
+    """One method's fix and its scores; `heldout_row`: the corrected image's row in the held-out set, left out
+    of the held-out figures (an image cannot be held out from its own correction)."""
     evaluator = shared.evaluator(shared.default_layers)
     labels = evaluator.labels
     views = views.to(shared.device)
@@ -50,12 +55,21 @@ def _run(title: str, detail: str, shared: SharedModel, fixer: Fixer, image: torc
         before, after = evaluator.base_predictions, fixer.predict_heldout(result, evaluator)
         views_before = fixer.predict(None, views).tolist()
         views_after = fixer.predict(result, views).tolist()
+    if heldout_row is not None:
+        keep = torch.ones(len(labels), dtype=torch.bool, device=labels.device)
+        keep[heldout_row] = False
+        labels, before, after = labels[keep], before[keep], after[keep]
     changed = before != after
     return MethodOutcome(
         title, shared.name, detail, bool(result.success), int(result.steps), float(result.seconds),
         int((before == labels).sum()) / len(labels), int((after == labels).sum()) / len(labels),
         int((changed & (after == labels)).sum()), int((changed & (before == labels)).sum()),
-        views_before, views_after, fixer.hyperparameters())
+        views_before, views_after, fixer.hyperparameters(), len(labels), fixer_budget(fixer))
+
+
+def fixer_budget(fixer: Fixer) -> int | None:
+    """The most steps the fixer may take (None: it takes none, as a lookup table)."""
+    return getattr(fixer, "max_steps", None)
 
 
 def replay_source_label(replay: ImageSet) -> str:
@@ -76,43 +90,61 @@ def finetune_detail(fixer: FinetuneFixer) -> str:
             f"{fixer.max_steps} steps (stops when the target is the top class), {replay}")
 
 
+# The editors every comparison shows, whatever the page has selected: the page's local editor and the paper's RMSProp.
+LESSON_EDITORS = ("local", "rmsprop")
+
+
 def compare_fixes(models: dict[str, SharedModel], image: torch.Tensor, target: int, editor: str, max_steps: int,
                   replay: ImageSet | None = None, finetune_steps: int = FINETUNE_DEFAULTS["max_steps"],
-                  patched: str | None = None,
+                  heldout_row: int | None = None,
                   progress: Callable[[float, str], None] = lambda f, s: None) -> tuple[torch.Tensor, list[MethodOutcome]]:
-    """Fix `image` (uint8 (3,H,W)) to `target` with every method; returns (augmented views, outcomes).
-    `replay`: training images that fine-tuning mixes in (None: the shipped training sample); fine-tuning
-    uses the library defaults (`FINETUNE_DEFAULTS`) on the model's editable layers, `finetune_steps` steps at most.
-    `patched`: the model the lookup tables and fine-tuning fix (default: 'baseline', else the first)."""
+    """Fix `image` (uint8 (3,H,W)) to `target` with every method on every model; returns (augmented views,
+    outcomes), grouped by method: the lookup tables (exact, nearest neighbour), fine-tuning, the local editor and
+    RMSProp at their defaults, RMSProp at the rate editable training learned (where a model learned one), and
+    `editor` (the page's selection, at `max_steps`) when it is another.
+    `replay`: training images that fine-tuning mixes in (None: the shipped training sample); fine-tuning uses the
+    library defaults (`FINETUNE_DEFAULTS`) on each model's editable layers and stops at the first step that fixes
+    the image, `finetune_steps` at most. `heldout_row`: the image's row in the held-out set when it is a held-out
+    image: left out of every held-out figure."""
     if not models:
         raise SettingsError("no model is loaded")
-    patched = patched or ("baseline" if "baseline" in models else next(iter(models)))
-    if patched not in models:
-        raise SettingsError(f"model must be one of {', '.join(models)}, got {patched!r}")
+    if editor not in EDITORS:
+        raise SettingsError(f"editor must be one of {', '.join(EDITORS)}, got {editor!r}")
     views = augmented_views(image)
-    practical = models[patched]
-    finetuner = FinetuneFixer(practical.model, replay, max_steps=finetune_steps, prefix=practical.default_layers)
-    plans: list[tuple[str, str, SharedModel, Callable[[], Fixer]]] = [
-        (f"Lookup table, exact match ({patched} model)", "overrides the prediction only for this exact image",
-         practical, lambda: LookupFixer(practical.model, "exact")),
-        (f"Lookup table, nearest neighbour ({patched} model)", "overrides it for images within a small pixel distance",
-         practical, lambda: LookupFixer(practical.model, "nearest", "pixel")),
-        (f"Fine-tuning ({patched} model)", finetune_detail(finetuner), practical, lambda: finetuner),
-    ]
-    lr = EDITORS[editor].default_lr
+    editors = [*LESSON_EDITORS, *([editor] if editor not in LESSON_EDITORS else [])]
+    plans: list[tuple[str, str, SharedModel, Callable[[], Fixer]]] = []
     for name, shared in models.items():
-        layers = shared.layers_for(editor)
-        plans.append((f"Editor on the {name} model", f"{editor}, lr {lr:.3g} (the default), up to {max_steps} "
-                      f"steps on {layers}", shared,
-                      lambda shared=shared, layers=layers: EditorFixer(shared.editable(layers),
-                                                                       shared.make_editor(editor, lr), max_steps)))
-        if shared.learned_lr(editor) is not None:
-            plans.append((f"Editor on the {name} model, learned rate", f"{editor} as editable training learned it "
-                          f"(lr {shared.learned_lr(editor):.3g}), up to {max_steps} steps on {shared.default_layers}",
-                          shared, lambda shared=shared: EditorFixer(shared.editable(shared.default_layers),
-                                                                    shared.learned_editor, max_steps)))
+        plans.append((f"Lookup table, exact match ({name} model)", "overrides the prediction only for this exact image",
+                      shared, lambda shared=shared: LookupFixer(shared.model, "exact")))
+    for name, shared in models.items():
+        plans.append((f"Lookup table, nearest neighbour ({name} model)",
+                      "overrides it for images within a small pixel distance", shared,
+                      lambda shared=shared: LookupFixer(shared.model, "nearest", "pixel")))
+    for name, shared in models.items():
+        finetuner = FinetuneFixer(shared.model, replay, max_steps=finetune_steps, prefix=shared.default_layers)
+        plans.append((f"Fine-tuning ({name} model)", finetune_detail(finetuner), shared, lambda f=finetuner: f))
+    for kind in editors:
+        steps = max_steps if kind == editor else EDITORS[kind].default_max_steps
+        lr, title = EDITORS[kind].default_lr, EDITOR_TITLES.get(kind, kind)
+        for name, shared in models.items():
+            layers = shared.layers_for(kind)
+            rate = "step scale" if kind == "local" else "lr"
+            plans.append((f"{title} on the {name} model",
+                          f"{kind}, {rate} {lr:.3g} (the default), up to {steps} steps on {layers}", shared,
+                          lambda shared=shared, layers=layers, kind=kind, lr=lr, steps=steps:
+                          EditorFixer(shared.editable(layers), shared.make_editor(kind, lr), steps)))
+            if shared.learned_lr(kind) is not None:
+                plans.append((f"{title} on the {name} model, learned rate",
+                              f"{kind} as editable training learned it (lr {shared.learned_lr(kind):.3g}), "
+                              f"up to {steps} steps on {shared.default_layers}", shared,
+                              lambda shared=shared, steps=steps: EditorFixer(shared.editable(shared.default_layers),
+                                                                             shared.learned_editor, steps)))
     outcomes = []
     for i, (title, detail, shared, make) in enumerate(plans):
         progress(i / len(plans), title)
-        outcomes.append(_run(title, detail, shared, make(), image, target, views))
+        outcomes.append(_run(title, detail, shared, make(), image, target, views, heldout_row))
     return views, outcomes
+
+
+EDITOR_TITLES = {"local": "Local editor", "rmsprop": "RMSProp (the paper's editor)", "rmsprop-paper":
+                 "RMSProp as in the paper's code", "gd": "Gradient descent", "momentum": "Momentum", "adam": "Adam"}

@@ -7,10 +7,11 @@ so the predicted classes are float32's. The library, the CLI and the app all use
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, ContextManager
 
 import numpy as np
 import torch
@@ -132,14 +133,28 @@ class EditRecord:
     generalization_by_family: dict[str, float] | None = None
 
 
+def drawdown_spread(drawdowns: np.ndarray) -> dict:
+    """How much the per-edit drawdowns vary: their standard deviation, a 95% interval for their mean (normal
+    approximation, mean +- 1.96 sd / sqrt(n)) and the range holding the middle 95% of single edits."""
+    n = len(drawdowns)
+    sd = float(drawdowns.std(ddof=1)) if n > 1 else 0.0
+    half = 1.96 * sd / np.sqrt(n)
+    mean = float(drawdowns.mean())
+    return {"drawdown_sd": sd, "drawdown_ci95": [mean - half, mean + half],
+            "drawdown_middle95": [float(np.percentile(drawdowns, 2.5)), float(np.percentile(drawdowns, 97.5))]}
+
+
 def summarize(records: list[EditRecord], base_error: float) -> dict:
-    """Drawdown = mean error after edit - base error; success rate; mean steps; mean edit time."""
+    """Drawdown = mean error after edit - base error (with its spread, `drawdown_spread`); success rate;
+    mean steps; mean edit time."""
     if not records:
         raise ValueError("no edits to summarise")
     errors = np.array([r.error_after for r in records])
+    drawdowns = errors - base_error
     summary = {
         "test_error": base_error,
-        "drawdown": float(errors.mean() - base_error),
+        "drawdown": float(drawdowns.mean()),
+        **drawdown_spread(drawdowns),
         "success_rate": float(np.mean([r.success for r in records])),
         "mean_steps": float(np.mean([r.steps for r in records])),
         "mean_edit_seconds": float(np.mean([r.seconds for r in records])),
@@ -187,6 +202,19 @@ def draw_edits(edit_set: ImageSet, n_edits: int, seed: int, targets: str = "rand
     return rows.tolist(), chosen.tolist()
 
 
+def score_edit(fixer: Fixer, heldout: HeldOutEvaluator, edit_set: ImageSet, row: int, target: int,
+               views_seed: int = DEFAULT_VIEWS_SEED, families: list[str] | None = None) -> EditRecord:
+    """One edit of the protocol, from the unedited model: fix row `row` of `edit_set` to `target`, then score
+    the fixed model on the held-out set and on the image's augmented views (per family with `families`)."""
+    device = heldout.features.device
+    image = edit_set.images[row : row + 1].to(device)
+    result = fixer.fix(image, torch.tensor([target], device=device))
+    views = augmented_views(image, views_seed)
+    gain, by_family = generalization(fixer.predict(None, views), fixer.predict(result, views), target, families)
+    return EditRecord(int(edit_set.indices[row]), target, result.success, result.steps, result.seconds,
+                      heldout.error(fixer.predict_heldout(result, heldout)), gain, by_family or None)
+
+
 def evaluate_edits(
     editable: EditableModel,
     editor: Editor,
@@ -202,28 +230,27 @@ def evaluate_edits(
     verbose: bool = False,
     ranks: Ranks | None = None,
     predictions: torch.Tensor | None = None,
+    hold: Callable[[], ContextManager[tuple[Fixer, HeldOutEvaluator]]] | None = None,
 ) -> tuple[dict | None, list[EditRecord]]:
     """Run the protocol with `fixer` (default: the editor, `max_steps` steps). Each edit is also
     scored for generalisation on `augmented_views` of the edited image (per family if `verbose`).
 
     With `ranks` (several processes under torchrun), every rank draws the same seeded edits and runs
     its share; rank 0 gathers the records in draw order and returns the summary, the others (None, []).
-    `predictions`: the model's classes on `edit_set`, which targets='corrections' draws from."""
-    device = heldout.features.device
+    `predictions`: the model's classes on `edit_set`, which targets='corrections' draws from.
+    `hold`: entered around each edit, it gives the (fixer, held-out evaluator) that edit runs on, so a
+    server can lend one of a model's identical replicas per edit (editcore.measure); default: `fixer` and
+    `heldout` for every edit. `progress(done, total)` after each edit; an exception it raises stops the run."""
     fixer = fixer or EditorFixer(editable, editor, max_steps)
-    families = view_families(views_seed)
+    hold = hold or (lambda: contextlib.nullcontext((fixer, heldout)))
+    families = view_families(views_seed) if verbose else None
     rows, chosen = draw_edits(edit_set, n_edits, seed, targets, predictions=predictions)
     positions = range(len(rows)) if ranks is None else ranks.share(len(rows))
     records, start = [], time.perf_counter()
     for done, position in enumerate(positions, 1):
-        row, target = rows[position], chosen[position]
-        image = edit_set.images[row : row + 1].to(device)
-        result = fixer.fix(image, torch.tensor([target], device=device))
-        views = augmented_views(image, views_seed)
-        gain, by_family = generalization(fixer.predict(None, views), fixer.predict(result, views), target,
-                                         families if verbose else None)
-        records.append(EditRecord(int(edit_set.indices[row]), target, result.success, result.steps, result.seconds,
-                                  heldout.error(fixer.predict_heldout(result, heldout)), gain, by_family or None))
+        with hold() as (edit_fixer, edit_heldout):
+            records.append(score_edit(edit_fixer, edit_heldout, edit_set, rows[position], chosen[position], views_seed,
+                                      families))
         if progress:
             progress(done, len(positions))
     if ranks is not None:

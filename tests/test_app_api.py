@@ -152,3 +152,21 @@ def test_twenty_corrections_score_the_980_images_they_did_not_touch(served):
     assert history[-1]["heldout_accuracy_after"] == report["heldout_accuracy_after"]
     assert all(h["n_heldout"] == 980 for h in history)
     c.predict(api_name="/reset")
+
+
+def test_run_protocol_measures_then_answers_from_its_cache(served):
+    c = client(served)
+    assert "/run_protocol" in c.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    results, status, *_ = c.predict("other", 10, 2, ["gd"], ["baseline"], api_name="/run_protocol")
+    row, = results["rows"]
+    assert (row["model"], row["editor"], row["protocol"], row["n_edits"], row["seed"]) == ("baseline", "gd", "other", 10, 2)
+    assert len(row["drawdowns"]) == row["summary"]["n_edits"] == 10 and not row["from_cache"]
+    assert row["summary"]["drawdown"] == pytest.approx(sum(row["drawdowns"]) / 10)
+    again, status, *_ = client(served).predict("other", 10, 2, ["gd"], ["baseline"], api_name="/run_protocol")
+    assert again["rows"][0]["from_cache"] and again["rows"][0]["summary"] == row["summary"]
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="maximum value 500"):  # the slider's bound, checked before the handler's
+        c.predict("other", 501, 2, ["gd"], ["baseline"], api_name="/run_protocol")
+    with pytest.raises(AppError, match="choose at least one editor"):
+        c.predict("other", 10, 2, [], ["baseline"], api_name="/run_protocol")

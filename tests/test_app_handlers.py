@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 import pytest
+import torch
 from PIL import Image
 
 from app import Handlers
@@ -237,3 +238,87 @@ def test_the_export_folder_keeps_only_the_newest_files(handlers, monkeypatch):
     weights = handlers.export_weights(r)["value"]
     kept = set(map(str, handlers.export_dir.iterdir()))
     assert len(kept) <= 4 and set(weights) <= kept and logs[-1] in kept and logs[0] not in kept
+
+
+def test_the_measure_tab_gives_evaluate_edits_numbers_with_progress_and_downloads(handlers, tmp_path, capsys):
+    from app.measure_tab import MeasureHandlers
+    from app.ui import EDITOR_LABELS
+    from editcore.cli import main
+
+    tab = MeasureHandlers(handlers.lab, handlers._export_path, EDITOR_LABELS)
+    ticks = []
+    results, status, table, plot, files, command = tab.run_protocol(
+        "other", 10, 5, ["rmsprop"], ["baseline"], request("measure"),
+        progress=lambda value, desc=None, unit=None: ticks.append(value))
+    assert ticks == [(i, 10) for i in range(11)]  # the bar moves once per edit
+    assert "1 measured now" in status and "<table" in table and plot.startswith("<svg") and plot.count("<circle") == 10
+    summary_csv, edits_csv, results_file = files["value"]
+    assert "-summary-" in summary_csv and "-edits-" in edits_csv and summary_csv.endswith(".csv")
+    assert json.loads(Path(results_file).read_text())["rows"][0]["records"]
+    row = results["rows"][0]
+    assert "python -m editcore measure --checkpoint baseline=" in command and row["command"] in Path(summary_csv).read_text()
+
+    # The same seed, editor and N through the command line: the same numbers, edit for edit.
+    records = tmp_path / "records.json"
+    assert main(["evaluate-edits", "--checkpoint", str(handlers.lab.models["baseline"].path), "--editor", "rmsprop",
+                 "--n-edits", "10", "--seed", "5", "--json", "--records", str(records)]) == 0
+    cli = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("test_error", "drawdown", "drawdown_ci95", "success_rate", "mean_steps", "generalization", "n_edits",
+                "n_heldout", "editor_hparams", "layers"):
+        assert row["summary"][key] == cli[key], key
+    timeless = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    tab_records = json.loads(Path(results_file).read_text())["rows"][0]["records"]
+    assert timeless(tab_records) == timeless(json.loads(records.read_text()))
+
+    # Asked again: from the cache at once. A bad N is a message; nothing runs.
+    assert "from stored results" in tab.run_protocol("other", 10, 5, ["rmsprop"], ["baseline"], request("measure"),
+                                                     progress=lambda *a, **k: pytest.fail("nothing to run"))[1]
+    with pytest.raises(gr.Error, match="N must be"):
+        tab.run_protocol("other", 5000, 5, ["rmsprop"], ["baseline"], request("measure"))
+    assert "No measurement is running" in tab.cancel(request("measure"))
+    # Cancel (as the page's button does from its own request) stops the run after the current edit.
+    cancel_at_two = lambda value, desc=None, unit=None: value[0] == 2 and tab.cancel(request("measure"))  # noqa: E731
+    status = tab.run_protocol("other", 10, 6, ["rmsprop"], ["baseline"], request("measure"), progress=cancel_at_two)[1]
+    assert status.startswith("**Cancelled**") and "after 2 of 10 edits" in status
+
+
+def test_the_measure_tab_opens_with_the_shipped_results_of_its_default_settings(handlers):
+    from app.measure_tab import MeasureHandlers
+    from app.ui import EDITOR_LABELS
+
+    results, status, table, plot, files, command = MeasureHandlers(handlers.lab, handlers._export_path,
+                                                                   EDITOR_LABELS).initial()
+    assert results is not None, "assets/measure_defaults.json is not the default settings' run on these models: " \
+                                "rerun the command it records"
+    assert all(row["from_cache"] for row in results["rows"]) and "Stored results" in status
+    assert {(r["model"], r["editor"]) for r in results["rows"]} == {(m, e) for m in ("baseline", "editable")
+                                                                    for e in ("local", "rmsprop")}
+
+
+def test_a_compare_row_says_plainly_when_its_method_did_not_fix_the_image(handlers):
+    from app import render
+    from editcore import MethodOutcome
+
+    outcome = MethodOutcome("Fine-tuning (baseline model)", "baseline", "Adam on layer3", False, 500, 9.5, 0.9, 0.89, 0, 10,
+                            [0] * 16, [1] * 16, {}, 999, 500)
+    table = render.compare_html(torch.zeros(16, 3, 32, 32, dtype=torch.uint8), handlers.view_names, [outcome], 3)
+    assert "NOT fixed</b> within 500 steps" in table and "500 of up to 500" in table and "999 images" in table
+
+
+def test_training_history_draws_what_each_card_recorded():
+    from app.render_measure import training_history
+
+    baseline = {"objective": "baseline", "epochs": 2, "test_accuracy": 0.6, "command": "train ...",
+                "history": [{"epoch": 1, "loss_base": 1.2, "test_accuracy": 0.5}, {"epoch": 2, "loss_base": 0.9,
+                                                                                    "test_accuracy": 0.6}]}
+    editable = {"objective": "editable", "epochs": 1, "test_accuracy": 0.58, "init": "runs/gpu/base.safetensors",
+                "editable_prefix": "layer3", "editor": {"name": "rmsprop", "lr": 2e-4, "beta": 0.9},
+                "train_config": {"c_edit": 0.01, "c_loc": 1.0, "editor": "rmsprop", "max_steps": 10, "order": "second"},
+                "history": [{"epoch": 1, "loss_base": 1.0, "loss_edit": 0.1, "loss_loc": 0.3, "val_error": 0.4,
+                             "val_drawdown": 0.05, "test_accuracy": 0.58, "editor": {"lr": 2e-4, "beta": 0.9}}]}
+    drawn = training_history({"baseline": baseline, "editable": editable},
+                             {"baseline": "base.safetensors", "editable": "editable.safetensors"})
+    assert drawn.count("<svg") == 6 and "not recorded" not in drawn and "no editor was learned" not in drawn
+    assert "drawn after the baseline model's 2" in drawn and "c_loc = 1.0" in drawn and "learned lr 0.0002" in drawn
+    alone = training_history({"baseline": baseline}, {"baseline": "base.safetensors"})
+    assert "no model here was trained for edits" in alone and "not recorded: trained without --val-size" in alone

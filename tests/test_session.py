@@ -416,28 +416,36 @@ def test_edits_share_a_memory_budget_that_refuses_rather_than_drops_recent_work(
     assert len(registry) == 1 and 0 < registry.edit_bytes() == b.edit_bytes() <= one_edit
 
 
-def test_compare_runs_every_method_from_the_unedited_models(ws, lab):
+def test_compare_runs_every_method_on_both_models_from_the_unedited_models(ws, lab):
     item = first_misclassified(ws)
-    views, outcomes = compare_fixes(lab.models, item.image, item.label, "rmsprop", 20, lab.replay_set(), finetune_steps=20)
+    views, outcomes = compare_fixes(lab.models, item.image, item.label, "gd", 20, lab.replay_set(), finetune_steps=20,
+                                    heldout_row=item.ref.index)
     titles = [o.title for o in outcomes]
-    assert titles == ["Lookup table, exact match (baseline model)", "Lookup table, nearest neighbour (baseline model)",
-                      "Fine-tuning (baseline model)", "Editor on the baseline model", "Editor on the editable model",
-                      "Editor on the editable model, learned rate"]
+    both = lambda method: [f"{method} (baseline model)", f"{method} (editable model)"]  # noqa: E731
+    on_both = lambda method: [f"{method} on the baseline model", f"{method} on the editable model"]  # noqa: E731
+    # Whatever the page has selected (here gradient descent), the local editor and RMSProp are always there.
+    assert titles == [*both("Lookup table, exact match"), *both("Lookup table, nearest neighbour"), *both("Fine-tuning"),
+                      *on_both("Local editor"), *on_both("RMSProp (the paper's editor)"),
+                      "RMSProp (the paper's editor) on the editable model, learned rate", *on_both("Gradient descent")]
     assert len(views) == 16 and all(len(o.views_after) == 16 for o in outcomes)
+    by_title = dict(zip(titles, outcomes))
     learned = lab.models["editable"].learned_editor.hyperparameters()
-    assert outcomes[-1].hyperparameters["lr"] == pytest.approx(learned["lr"])
-    assert outcomes[-2].hyperparameters["lr"] == outcomes[-3].hyperparameters["lr"] == \
+    assert by_title["RMSProp (the paper's editor) on the editable model, learned rate"].hyperparameters["lr"] == \
+        pytest.approx(learned["lr"])
+    assert by_title["RMSProp (the paper's editor) on the editable model"].hyperparameters["lr"] == \
         pytest.approx(EDITORS["rmsprop"].default_lr)
+    assert by_title["Local editor on the baseline model"].max_steps == EDITORS["local"].default_max_steps
+    assert by_title["Gradient descent on the baseline model"].max_steps == 20  # the page's steps for its own editor
     exact = outcomes[0]
-    # The lookup table changes no weights: only the stored image itself (it is in the held-out set) changes.
-    assert exact.success and exact.n_broken == 0 and exact.n_fixed == 1
-    assert exact.accuracy_after - exact.accuracy_before == pytest.approx(1 / 1000)
-    assert all(o.accuracy_before == outcomes[0].accuracy_before for o in outcomes[:4])
+    # The lookup table changes no weights, and the corrected image (a held-out image) is left out of the held-out
+    # figures: nothing held out moves.
+    assert exact.success and exact.n_broken == exact.n_fixed == 0 and exact.accuracy_after == exact.accuracy_before
+    assert all(o.n_heldout == len(lab.sources["test"]) - 1 for o in outcomes)
     assert ws.session("baseline").history == []  # comparing is not editing
     # No data root: fine-tuning replays the shipped training sample, and the page says so.
-    finetuning = outcomes[2]
+    finetuning = by_title["Fine-tuning (baseline model)"]
     assert (finetuning.hyperparameters["replay"], finetuning.hyperparameters["replay_size"]) == ("cifar10-train-sample", 2000)
-    assert finetuning.hyperparameters["replay_ratio"] > 0 and finetuning.hyperparameters["max_steps"] == 20
+    assert finetuning.hyperparameters["replay_ratio"] > 0 and finetuning.max_steps == 20
     assert f"{finetuning.hyperparameters['replay_ratio']} replayed images per step from the shipped 2,000-image " \
            "training sample" in finetuning.detail
 
