@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, ContextManager
@@ -36,16 +37,34 @@ MARGIN_ABS, MARGIN_REL = 0.3, 0.03
 
 def native_bfloat16(device: torch.device | str) -> bool:
     """True where bfloat16 is faster than float32: a CPU whose oneDNN kernels run it natively
-    (AVX512-BF16, AMX), or a CUDA GPU that supports it (Ampere and later)."""
+    (AVX512-BF16, AMX), or a CUDA GPU that supports it (Ampere and later). oneDNN also accepts bfloat16 on
+    any AVX-512 CPU, where it emulates it: on an Ice Lake Xeon (AVX-512, neither of those) the mixed-precision
+    re-evaluation took twice float32's CPU time (docs/PERFORMANCE.md), so an x86 CPU must list the instructions."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        supported = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+    flags = x86_cpu_flags()
+    return supported and (flags is None or bool(flags & {"avx512_bf16", "amx_bf16"}))
+
+
+@functools.cache
+def x86_cpu_flags() -> frozenset[str] | None:
+    """The x86 CPU's feature flags (Linux's /proc/cpuinfo), or None where they cannot be read (another OS,
+    another architecture: oneDNN's answer stands there)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
 
 
 def unsure_rows(logits: torch.Tensor) -> torch.Tensor:

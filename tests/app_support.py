@@ -14,6 +14,7 @@ from editcore import Lab, create_editor, save_checkpoint  # noqa: E402
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SHIPPED = (("baseline", ASSETS / "resnet20_baseline.safetensors"), ("editable", ASSETS / "resnet20_editable.safetensors"))
 _made: tuple[tuple[str, Path], ...] | None = None
+_loaded: Lab | None = None
 
 
 def checkpoints(tmp_path_factory, request) -> tuple[tuple[str, Path], ...]:
@@ -36,13 +37,19 @@ def checkpoints(tmp_path_factory, request) -> tuple[tuple[str, Path], ...]:
 
 
 def make_lab(tmp_path_factory, request) -> Lab:
-    """The lab on the embedded 1,000-image sample, even when $EDITLAB_DATA is set (the tests count on it)."""
-    saved = os.environ.pop("EDITLAB_DATA", None)
-    try:
-        return Lab.load(list(checkpoints(tmp_path_factory, request)), log=lambda *_: None)
-    finally:
-        if saved is not None:
-            os.environ["EDITLAB_DATA"] = saved
+    """A lab of its own (its own workspaces) on the embedded 1,000-image sample, even when $EDITLAB_DATA is
+    set (the tests count on it). Its models are loaded once per test run and shared by every lab made here,
+    as one server's users share them: what a model computes once (held-out features, the local editor's
+    anchor subspace) is computed once for all the app and session tests."""
+    global _loaded
+    if _loaded is None:
+        saved = os.environ.pop("EDITLAB_DATA", None)
+        try:
+            _loaded = Lab.load(list(checkpoints(tmp_path_factory, request)), log=lambda *_: None)
+        finally:
+            if saved is not None:
+                os.environ["EDITLAB_DATA"] = saved
+    return Lab(_loaded.models, _loaded.sources, _loaded.notes, _loaded.data_root)
 
 
 def free_port() -> int:

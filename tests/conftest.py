@@ -1,12 +1,21 @@
 """Shared fixtures: a tiny smooth StagedNet for unit tests, a briefly trained ResNet-20 on the sample."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
 
 from editcore import EditableModel, ImageSet, TrainConfig, load_sample, train
 from editcore.models import StagedNet
+
+# One torch thread for the whole run, here and in the processes tests start (they inherit the variable). On
+# this project's 2-core machines other jobs share the cores, and two threads that wait on each other cost
+# ~4x the CPU and wall time of one (the shipped-model drawdown test: 49 s vs 11 s CPU for 10 edits,
+# docs/PERFORMANCE.md "tests"); the results are the same.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 N_CLASSES = 10
 
@@ -59,14 +68,3 @@ def resnet20(sample):
     config = TrainConfig(arch="resnet20", epochs=1, batch_size=100, seed=0)
     model, _, _ = train(config, sample, None, "cpu", log=lambda *_: None)
     return model.eval()
-
-
-@pytest.fixture(scope="module")
-def one_torch_thread():
-    """Run torch on one thread for a module: on cores shared with other jobs, two threads that wait on
-    each other made the app tests about 3x slower (measured); one thread is as fast when the machine is
-    idle for work this small."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -8,7 +8,7 @@ import pytest
 
 from app_support import launch, make_lab
 
-pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.api, pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")]  # from gradio's queue
+pytestmark = [pytest.mark.api, pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")]  # from gradio's queue
 
 
 

@@ -17,7 +17,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TIMEOUT_MS = 90_000  # generous: the test machine's cores are shared
 
-pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.browser, pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning"),
+pytestmark = [pytest.mark.browser, pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning"),
               pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium")]
 
 

@@ -15,11 +15,7 @@ from PIL import Image
 
 from app import Handlers
 from app_support import make_lab
-
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 from editcore import CLASSES, EDITORS, load_checkpoint
-
-
 
 
 @pytest.fixture(scope="module")

@@ -233,12 +233,10 @@ def test_a_flip_invariant_model_generalises_fully_to_the_flip_view(sample):
 
 
 @pytest.fixture(scope="module")
-def sample_checkpoint(tmp_path_factory):
-    from editcore import TrainConfig, load_sample, train
-
-    model, _, _ = train(TrainConfig(epochs=1, batch_size=250, seed=0), load_sample(), None, "cpu", log=lambda *_: None)
+def sample_checkpoint(tmp_path_factory, resnet20):
+    """conftest's ResNet-20, trained briefly on the sample, as a checkpoint file for the CLI."""
     path = tmp_path_factory.mktemp("fixers") / "sample.safetensors"
-    save_checkpoint(path, model, {"arch": "resnet20", "editable_prefix": "layer3"})
+    save_checkpoint(path, resnet20, {"arch": "resnet20", "editable_prefix": "layer3"})
     return path
 
 

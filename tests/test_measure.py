@@ -16,8 +16,6 @@ from editcore.measure import (MAX_EDITS, MIN_EDITS, MeasureCancelled, MeasureSet
 
 from app_support import SHIPPED
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
 
 def images(n: int, first_index: int = 0, source: str = "cifar10-test") -> ImageSet:
     gen = torch.Generator().manual_seed(first_index)

@@ -152,3 +152,16 @@ def test_mixed_precision_predicts_float32s_classes_before_and_after_an_edit(resn
         params = edit(editable, normalize(images[row : row + 1]), torch.tensor([target]), create_editor("rmsprop", lr=1e-3),
                       max_steps=10).params
         assert torch.equal(mixed.predict(params), exact.predict(params))
+
+
+def test_bfloat16_is_native_only_on_a_cpu_that_lists_its_instructions(monkeypatch):
+    """oneDNN runs bfloat16 on any AVX-512 CPU, emulated and slower than float32 there: such a CPU gets float32."""
+    from editcore import metrics
+
+    onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    monkeypatch.setattr(metrics, "x86_cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512bw", "avx512_vnni"}))
+    assert metrics.native_bfloat16("cpu") is False
+    for flags in (frozenset({"avx512f", "avx512_bf16"}), frozenset({"amx_tile", "amx_bf16"}), None):  # None: not x86 Linux
+        monkeypatch.setattr(metrics, "x86_cpu_flags", lambda: flags)
+        assert metrics.native_bfloat16("cpu") is onednn
+    assert metrics.native_bfloat16("meta") is False

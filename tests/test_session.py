@@ -11,13 +11,9 @@ import torch
 from PIL import Image
 
 from app_support import make_lab
-
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 from editcore import (CLASSES, EDITORS, SOURCE_TEST, SOURCE_UPLOADS, BrowseQuery, EditSession, EditSettings, ImageError,
                       ImageRef, SettingsError, compare_fixes, decode_image, load_checkpoint, normalize, read_log,
                       replay_summary)
-
-
 
 
 @pytest.fixture(scope="module")

@@ -99,8 +99,7 @@ FROG_59_BOUND_POINTS = 2.0
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, path", [("baseline", BASELINE), ("editable", EDITABLE)])
-def test_finetuning_one_correction_on_the_default_path_costs_little_heldout_accuracy(name, path, monkeypatch,
-                                                                                   one_torch_thread):
+def test_finetuning_one_correction_on_the_default_path_costs_little_heldout_accuracy(name, path, monkeypatch):
     from editcore import SOURCE_TEST, Lab, compare_fixes
 
     monkeypatch.delenv("EDITLAB_DATA", raising=False)

@@ -38,7 +38,7 @@ def without_times(history):
 
 
 @pytest.mark.parametrize("stop_after", [4, 6], ids=["at-epoch-end", "mid-epoch"])
-def test_resume_continues_bit_identically(tmp_path, one_torch_thread, stop_after):
+def test_resume_continues_bit_identically(tmp_path, stop_after):
     data = tiny_images()
     model, editor, summary = train(paper_tiny(), data, init_model=make_tiny(), log=quiet,
                                    state_path=tmp_path / "whole.safetensors")
@@ -76,7 +76,7 @@ def test_resume_refuses_another_world_size(tmp_path):
     ("rmsprop", {"lr", "beta"}, set()),
     ("rmsprop-paper", {"beta"}, {"lr"}),
 ])
-def test_learnable_editor_parameters_move_under_the_outer_optimizer(one_torch_thread, editor, learned, kept):
+def test_learnable_editor_parameters_move_under_the_outer_optimizer(editor, learned, kept):
     config = recipe_config("paper", **TINY, epochs=2, editor=editor, editor_lr=0.05, val_size=0, patience=0)
     start = create_editor(editor, lr=0.05).hyperparameters()
     _, trained, summary = train(config, tiny_images(), init_model=make_tiny(), log=quiet)
@@ -87,14 +87,14 @@ def test_learnable_editor_parameters_move_under_the_outer_optimizer(one_torch_th
     assert summary["editor_trained"] == sorted(f"{'log' if k == 'lr' else 'logit'}_{k}" for k in learned)
 
 
-def test_fixed_editor_stays_fixed(one_torch_thread):
+def test_fixed_editor_stays_fixed():
     config = recipe_config("paper", **TINY, epochs=1, learnable_editor=False, val_size=0, patience=0)
     _, editor, summary = train(config, tiny_images(), init_model=make_tiny(), log=quiet)
     assert editor.hyperparameters() == pytest.approx({"lr": 1e-3, "beta": 0.5}, rel=1e-6)
     assert summary["editor_trained"] == []
 
 
-def test_validation_keeps_the_best_epoch_and_stops_on_patience(one_torch_thread):
+def test_validation_keeps_the_best_epoch_and_stops_on_patience():
     config = paper_tiny(epochs=6, patience=1, lr=0.5)  # an outer lr this large makes later epochs worse
     model, _, summary = train(config, tiny_images(), init_model=make_tiny(), log=quiet)
     scores = [r["val_score"] for r in summary["history"]]
@@ -130,7 +130,7 @@ def test_state_file_is_not_a_checkpoint_and_vice_versa(tmp_path, capsys, monkeyp
 
 
 @pytest.mark.slow
-def test_paper_recipe_on_the_sample_writes_a_card_with_the_outer_and_editor_settings(tmp_path, monkeypatch, one_torch_thread):
+def test_paper_recipe_on_the_sample_writes_a_card_with_the_outer_and_editor_settings(tmp_path, monkeypatch):
     monkeypatch.delenv("EDITLAB_DATA", raising=False)
     out, state = tmp_path / "paper.safetensors", tmp_path / "paper.state.safetensors"
     common = ["train", "--recipe", "paper", "--epochs", "2", "--train-subset", "96", "--val-size", "32",
@@ -203,7 +203,7 @@ def test_two_process_gradients_are_the_mean_of_each_ranks_own(tmp_path):
         assert not torch.equal(own[0], own[1])  # the ranks did see different data / edits
 
 
-def test_editable_training_with_the_local_editor_is_first_order_and_moves_the_weights(one_torch_thread):
+def test_editable_training_with_the_local_editor_is_first_order_and_moves_the_weights():
     config = TrainConfig(**{**TINY, "max_steps": 0}, epochs=1, editable=True, editor="local", c_loc=1.0, lr=1e-2).resolved()
     assert (config.order, config.learnable_editor, config.editor_lr, config.max_steps) == ("first", False, 1.0, 20)
     start = make_tiny()
