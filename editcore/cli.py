@@ -289,6 +289,7 @@ def cmd_measure(args) -> int:
     from .measure import MeasureSettings, measure, results_json
     from .session import SharedModel
 
+    commit, load_start = git_commit(), os.getloadavg()  # the code that runs, not whatever HEAD is when it ends
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
@@ -311,8 +312,10 @@ def cmd_measure(args) -> int:
               f"{s['mean_edit_seconds']:>7.3f}")
     if args.out:
         command = "python -m editcore " + shlex.join(args.argv)
-        Path(args.out).write_text(json.dumps(results_json(rows, command, device=str(device), data=test_set.source),
-                                             indent=1) + "\n")
+        results = results_json(rows, command, commit, device=str(device), data=test_set.source,
+                               load_average_start=[round(x, 2) for x in load_start],
+                               load_average_end=[round(x, 2) for x in os.getloadavg()])
+        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
         say(f"wrote {args.out}")
     return 0
 

@@ -462,11 +462,12 @@ def edits_csv(rows: list[MeasureRow]) -> str:
     return out.getvalue()
 
 
-def results_json(rows: list[MeasureRow], command: str, **extra) -> dict:
-    """The rows as a results file: what `ResultCache.load` reads and the tab's JSON download."""
+def results_json(rows: list[MeasureRow], command: str, commit: str | None = None, **extra) -> dict:
+    """The rows as a results file: what `ResultCache.load` reads and the tab's JSON download. `commit`: the code's
+    git commit when the run started (default: now)."""
     from .checkpoint import git_commit
 
-    return {"format": RESULTS_FORMAT, "version": RESULTS_VERSION, "command": command, "git_commit": git_commit(),
+    return {"format": RESULTS_FORMAT, "version": RESULTS_VERSION, "command": command, "git_commit": commit or git_commit(),
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra,
             "rows": [row.to_dict() for row in rows]}

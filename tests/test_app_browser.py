@@ -102,3 +102,50 @@ def test_fix_a_misclassified_image_in_the_browser(served, tmp_path):
             assert len(lab.registry) == 0
         finally:
             browser.close()
+
+
+PROGRESS_WATCH = """() => { window.progressSeen = [];
+  new MutationObserver(() => document.querySelectorAll('.progress-text').forEach(
+      e => window.progressSeen.push(e.textContent))).observe(document.body,
+      {subtree: true, childList: true, characterData: true}); }"""
+
+
+def test_measure_tab_runs_with_progress_table_plot_and_downloads(served):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    url, _ = served
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 1000})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(url)
+            page.get_by_role("tab", name="Measure: many edits").click()
+            # It opens on the stored results of its default settings, and the training histories.
+            sync_api.expect(page.locator("#measure-status")).to_contain_text("Stored results")
+            sync_api.expect(page.locator("#measure-table table tr")).to_have_count(5)  # header + 2 models x 2 editors
+            sync_api.expect(page.locator("#training-history svg.history-panel")).to_have_count(6)
+
+            editors, models = page.locator("#measure-editors"), page.locator("#measure-models")
+            editors.get_by_label("Local (one conv, projected)").uncheck()
+            editors.get_by_label("RMSProp", exact=True).uncheck()
+            editors.get_by_label("Gradient descent").check()
+            models.get_by_label(re.compile("editable-trained")).uncheck()
+            page.locator("#measure-n input[type=number]").fill("10")
+            page.locator("#measure-n input[type=number]").press("Enter")
+            page.locator("#measure-seed input").fill("7")
+            page.evaluate(PROGRESS_WATCH)
+            page.locator("#measure-run").click()
+            status = page.locator("#measure-status")
+            sync_api.expect(status).to_contain_text("Done: 1 model × editor row(s), 1 measured now", timeout=300_000)
+            assert any("/10 edits" in text for text in page.evaluate("window.progressSeen")), "no progress bar seen"
+            table = page.locator("#measure-table")
+            sync_api.expect(table).to_contain_text("Gradient descent")
+            sync_api.expect(table.locator("tr")).to_have_count(2)
+            sync_api.expect(page.locator("#measure-plot svg.drawdown-strip circle")).to_have_count(10)
+            sync_api.expect(page.locator("#measure-command")).to_contain_text("--editor gd --protocol other --n-edits 10 "
+                                                                              "--seed 7")
+            link = page.locator("#measure-files a[href*='summary']").first
+            summary = page.request.get(link.get_attribute("href")).text()
+            assert summary.startswith("model,editor,") and "\nbaseline,gd," in summary
+        finally:
+            browser.close()

@@ -1,0 +1,155 @@
+"""The Measure tab on a shared server: how long a protocol run takes, how often its progress bar moves, and
+what it does to another visitor's single edits.
+
+    .venv/bin/python bench/measure_sharing.py [--edits 12] [--n-edits 50] [--seed 1] [--app-args "--threads 1"] [--no-write]
+
+Starts `python app.py` (embedded sample) in a subprocess. Visitor B calls /run_protocol alone (R, N edits x both
+models x the local editor and RMSProp, seed S, which the shipped results do not hold): the run's wall time and the
+longest gap between two progress updates B's client saw (polled every 0.1 s). Visitor A, through gradio_client,
+then makes the page's default edit (true label, editable model, local editor) on misclassified test images, /undo
+between them, first one not counted: its round trip p50 alone. Then B runs the protocol again (seed S + 1) while
+A goes on editing: A's p50 during the run. Writes the "measure" section of docs/PERFORMANCE.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from app_roundtrip import ROOT, start_app  # bench/ is on sys.path when run as a script
+from report import REPORT, write_section
+
+TARGET_RUN_S, TARGET_GAP_S, TARGET_SLOWDOWN = 60.0, 2.0, 2.0
+
+
+def single_edits(url: str, n_edits: int, keep_going: threading.Event | None = None) -> list[float]:
+    """Round trips of the page's default edit on misclassified test images; with `keep_going`, edits until it
+    is cleared (at least `n_edits`), else `n_edits` + 1 and the first dropped."""
+    from gradio_client import Client
+
+    client = Client(url, verbose=False, download_files=False)
+    times, index = [], 0
+    while len(times) < n_edits + 1 or (keep_going is not None and keep_going.is_set()):
+        _, info, _, target = client.predict("test", index % 1000, api_name="/select_image")
+        index += 1
+        if "misclassified" not in info:
+            continue
+        started = time.perf_counter()
+        client.predict(target, "editable", None, None, None, None, 0, api_name="/apply_edit")
+        times.append(time.perf_counter() - started)
+        client.predict(api_name="/undo")
+    return times[1:]
+
+
+def wait_for_warm_up(url: str) -> None:
+    """One local edit on each model: it waits for app.py's background preparation of that model's anchors."""
+    from gradio_client import Client
+
+    client = Client(url, verbose=False, download_files=False)
+    target = client.predict("test", 0, api_name="/select_image")[3]
+    for model in ("baseline", "editable"):
+        client.predict(target, model, None, None, None, None, 0, api_name="/apply_edit")
+        client.predict(api_name="/reset")
+
+
+def protocol_run(url: str, n_edits: int, seed: int) -> dict:
+    """/run_protocol from its own client, its progress polled: wall time, progress gaps, the rows."""
+    from gradio_client import Client
+
+    client = Client(url, verbose=False, download_files=False)
+    started = time.perf_counter()
+    job = client.submit("other", n_edits, seed, ["local", "rmsprop"], [], api_name="/run_protocol")
+    last_done, last_change, gaps = None, started, []
+    while not job.done():
+        progress = job.status().progress_data
+        done = progress[0].index if progress else None
+        now = time.perf_counter()
+        if done is not None and done != last_done:
+            gaps.append(now - last_change)
+            last_done, last_change = done, now
+        time.sleep(0.1)
+    results = job.result()[0]
+    wall = time.perf_counter() - started
+    return {"wall": wall, "max_gap": max(gaps[1:], default=float("nan")), "updates": len(gaps),
+            "rows": [(r["model"], r["editor"], r["summary"]["n_edits"], r["summary"]["drawdown"]) for r in results["rows"]]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--edits", type=int, default=12, help="visitor A's timed edits alone (and at least as many "
+                                                               "during the run)")
+    parser.add_argument("--n-edits", type=int, default=50, help="the protocol's N per model and editor")
+    parser.add_argument("--seed", type=int, default=1, help="the protocol's seed (not 0: the shipped results hold it)")
+    parser.add_argument("--app-args", default="", help="more app.py flags, e.g. '--threads 1'")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/PERFORMANCE.md alone")
+    args = parser.parse_args()
+
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as folder:
+        process, url = start_app([], None, Path(folder) / "app.log", shlex.split(args.app_args))
+        try:
+            wait_for_warm_up(url)
+            alone = protocol_run(url, args.n_edits, args.seed)
+            idle = single_edits(url, args.edits)
+            during: list[float] = []
+            running = threading.Event()
+            running.set()
+            visitor = threading.Thread(target=lambda: during.extend(single_edits(url, args.edits, running)))
+            visitor.start()
+            shared_run = protocol_run(url, args.n_edits, args.seed + 1)
+            running.clear()
+            visitor.join()
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+    load_after = os.getloadavg()
+    idle_p50, during_p50 = statistics.median(idle), statistics.median(during)
+    slowdown = during_p50 / idle_p50
+    busy = max(load_before[0], load_after[0]) > (os.cpu_count() or 1)
+    verdict = lambda ok: "met" if ok else "not met"  # noqa: E731
+    lines = [
+        "## measure",
+        "",
+        "The Measure tab on a shared server (`bench/measure_sharing.py`): visitor B runs /run_protocol (R, "
+        f"N = {args.n_edits} x 2 models x 2 editors, local and RMSProp, seed {args.seed}) on the embedded sample alone, "
+        f"then again (seed {args.seed + 1}) while visitor A makes single edits (the page's default edit, /undo between "
+        "them), all through gradio_client, once app.py's background preparation of the local editor's anchors is done.",
+        "",
+        f"Command: `.venv/bin/python bench/measure_sharing.py {shlex.join(sys.argv[1:])}`",
+        "",
+        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.machine()}, {os.cpu_count()} CPU "
+        f"cores, Python {platform.python_version()}. Load average (1 min) {load_before[0]:.1f} before, "
+        f"{load_after[0]:.1f} after{' (busy: other processes shared the cores)' if busy else ''}.",
+        "",
+        "| figure | measured | target |",
+        "|---|---:|---|",
+        f"| protocol run alone, {4 * args.n_edits} edits | {alone['wall']:.1f} s | <= {TARGET_RUN_S:.0f} s: "
+        f"**{verdict(alone['wall'] <= TARGET_RUN_S)}** |",
+        f"| longest gap between two progress updates ({alone['updates']} seen) | {alone['max_gap']:.2f} s | "
+        f"<= {TARGET_GAP_S:.0f} s: **{verdict(alone['max_gap'] <= TARGET_GAP_S)}** |",
+        f"| protocol run beside visitor A | {shared_run['wall']:.1f} s (longest progress gap "
+        f"{shared_run['max_gap']:.2f} s) | |",
+        f"| A's edit round trip p50 alone ({len(idle)} edits) | {idle_p50:.3f} s | |",
+        f"| A's edit round trip p50 during the run ({len(during)} edits) | {during_p50:.3f} s ({slowdown:.2f}x) | "
+        f"<= {TARGET_SLOWDOWN:.0f}x: **{verdict(slowdown <= TARGET_SLOWDOWN)}** |",
+        "",
+        "Rows of the run alone (model, editor, edits, drawdown): "
+        + "; ".join(f"{m} {e} {n} {d:.4f}" for m, e, n, d in alone["rows"]),
+    ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if not args.no_write:
+        write_section("measure", text)
+        print(f"wrote the measure section of {REPORT.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
