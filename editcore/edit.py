@@ -40,13 +40,18 @@ def is_success(logits: torch.Tensor, targets: torch.Tensor) -> bool:
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module):
-    """Batch norm in eval mode (running statistics) for the duration, then restore."""
+    """Batch norm in eval mode (running statistics) for the duration, then restore (`model.train(was)` sets every
+    submodule to the model's own mode). A model already all in eval mode is left alone: switching walks every
+    module twice, ~0.5 ms on a ResNet-20, and an edit and its scoring enter this ~8 times."""
     was_training = model.training
-    model.eval()
+    switch = was_training or any(module.training for module in model.modules())
+    if switch:
+        model.eval()
     try:
         yield model
     finally:
-        model.train(was_training)
+        if switch:
+            model.train(was_training)
 
 
 class EditableModel:

@@ -81,3 +81,15 @@ def test_delta_is_the_change_from_base(tiny):
     delta = result.delta(base)
     for name in editable.names:
         assert torch.allclose(base[name] + delta[name], result.params[name])
+
+
+def test_eval_mode_sets_and_restores_every_modules_mode(tiny):
+    editable, _ = tiny
+    model = editable.model
+    for root, body in ((True, True), (False, True), (False, False)):  # (False, True): a train-mode part of an eval model
+        model.train(root)
+        model.body.train(body)
+        with eval_mode(model):
+            assert not any(module.training for module in model.modules())
+        assert [module.training for module in model.modules()] == [root] * len(list(model.modules()))
+
