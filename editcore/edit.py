@@ -54,6 +54,13 @@ def eval_mode(model: nn.Module):
             model.train(was_training)
 
 
+def has_tied_tensors(model: nn.Module) -> bool:
+    """Whether one tensor is registered under two names. Only then must `functional_call` replace it under
+    both (`tie_weights`), which costs a walk of the whole module per call (~1 ms on a ResNet-20)."""
+    tensors = [t for _, t in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False))]
+    return len({id(tensor) for tensor in tensors}) < len(tensors)
+
+
 class EditableModel:
     """A base model, the names of its editable parameters, and the stage where they begin."""
 
@@ -65,6 +72,7 @@ class EditableModel:
         self.prefixes = prefixes if isinstance(prefixes, str) else ",".join(prefixes)
         self.names = editable_names(model, self.prefixes)
         self.split = model.first_stage_of(self.names)
+        self.tied = has_tied_tensors(model)
         own = dict(model.named_parameters())
         self._own = {n: own[n] for n in self.names}
 
@@ -82,7 +90,7 @@ class EditableModel:
     def logits_from_features(self, features: torch.Tensor, params: Params | None = None) -> torch.Tensor:
         if not params:
             return self.model(features, start=self.split)
-        return functional_call(self.model, params, (features,), {"start": self.split})
+        return functional_call(self.model, params, (features,), {"start": self.split}, tie_weights=self.tied)
 
     def logits(self, inputs: torch.Tensor, params: Params | None = None) -> torch.Tensor:
         return self.logits_from_features(self.features(inputs), params)
