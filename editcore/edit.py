@@ -40,13 +40,25 @@ def is_success(logits: torch.Tensor, targets: torch.Tensor) -> bool:
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module):
-    """Batch norm in eval mode (running statistics) for the duration, then restore."""
+    """Batch norm in eval mode (running statistics) for the duration, then restore (`model.train(was)` sets every
+    submodule to the model's own mode). A model already all in eval mode is left alone: switching walks every
+    module twice, ~0.5 ms on a ResNet-20, and an edit and its scoring enter this ~8 times."""
     was_training = model.training
-    model.eval()
+    switch = was_training or any(module.training for module in model.modules())
+    if switch:
+        model.eval()
     try:
         yield model
     finally:
-        model.train(was_training)
+        if switch:
+            model.train(was_training)
+
+
+def has_tied_tensors(model: nn.Module) -> bool:
+    """Whether one tensor is registered under two names. Only then must `functional_call` replace it under
+    both (`tie_weights`), which costs a walk of the whole module per call (~1 ms on a ResNet-20)."""
+    tensors = [t for _, t in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False))]
+    return len({id(tensor) for tensor in tensors}) < len(tensors)
 
 
 class EditableModel:
@@ -60,6 +72,7 @@ class EditableModel:
         self.prefixes = prefixes if isinstance(prefixes, str) else ",".join(prefixes)
         self.names = editable_names(model, self.prefixes)
         self.split = model.first_stage_of(self.names)
+        self.tied = has_tied_tensors(model)
         own = dict(model.named_parameters())
         self._own = {n: own[n] for n in self.names}
 
@@ -77,7 +90,7 @@ class EditableModel:
     def logits_from_features(self, features: torch.Tensor, params: Params | None = None) -> torch.Tensor:
         if not params:
             return self.model(features, start=self.split)
-        return functional_call(self.model, params, (features,), {"start": self.split})
+        return functional_call(self.model, params, (features,), {"start": self.split}, tie_weights=self.tied)
 
     def logits(self, inputs: torch.Tensor, params: Params | None = None) -> torch.Tensor:
         return self.logits_from_features(self.features(inputs), params)

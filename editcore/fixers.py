@@ -23,7 +23,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .data import ImageSet, load_train_sample, normalize
-from .edit import EditableModel, EditResult, edit, eval_mode, is_success
+from .edit import EditableModel, EditResult, edit, eval_mode, has_tied_tensors, is_success
 from .editors import Editor, Params
 from .models import StagedNet, editable_names
 
@@ -55,9 +55,10 @@ def inference_input(images: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def full_logits(model: nn.Module, images: torch.Tensor, params: Params | None = None, batch_size: int = 1000) -> torch.Tensor:
     """Logits of the whole model (base + replacement `params`) on uint8 images, batch norm in eval mode."""
+    tied = bool(params) and has_tied_tensors(model)
     with eval_mode(model):
         return torch.cat([
-            functional_call(model, params, (inference_input(images[i : i + batch_size]),)) if params
+            functional_call(model, params, (inference_input(images[i : i + batch_size]),), tie_weights=tied) if params
             else model(inference_input(images[i : i + batch_size]))
             for i in range(0, len(images), batch_size)])
 

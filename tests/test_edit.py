@@ -8,6 +8,8 @@ import torch
 
 from editcore import create_editor, edit, edit_loss, eval_mode
 
+from conftest import make_tiny as create_tiny_model
+
 
 def test_edit_loss_matches_the_formula_by_hand():
     logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, -1.0]])
@@ -81,3 +83,37 @@ def test_delta_is_the_change_from_base(tiny):
     delta = result.delta(base)
     for name in editable.names:
         assert torch.allclose(base[name] + delta[name], result.params[name])
+
+
+def test_eval_mode_sets_and_restores_every_modules_mode(tiny):
+    editable, _ = tiny
+    model = editable.model
+    for root, body in ((True, True), (False, True), (False, False)):  # (False, True): a train-mode part of an eval model
+        model.train(root)
+        model.body.train(body)
+        with eval_mode(model):
+            assert not any(module.training for module in model.modules())
+        assert [module.training for module in model.modules()] == [root] * len(list(model.modules()))
+
+
+def test_edited_params_replace_a_tied_weight_everywhere_it_is_used():
+    from editcore import EditableModel
+    from editcore.models import StagedNet
+
+    class Tied(StagedNet):
+        stage_names = ("stem", "head")
+
+        def __init__(self):
+            super().__init__()
+            self.stem, self.head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+            self.head.weight = self.stem.weight  # one tensor under two names
+
+    torch.manual_seed(0)
+    model = Tied().eval()
+    editable = EditableModel(model, "stem")
+    assert editable.tied and not EditableModel(create_tiny_model(), "body").tied
+    inputs, weight = torch.randn(3, 4), torch.randn(4, 4)
+    with torch.no_grad():
+        edited = editable.logits_from_features(inputs, {"stem.weight": weight})
+        both = torch.nn.functional.linear(torch.nn.functional.linear(inputs, weight, model.stem.bias), weight, model.head.bias)
+    assert torch.allclose(edited, both)
