@@ -17,6 +17,15 @@ from editcore.models import StagedNet
 os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
 
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Commands run in-process (`measure --threads 2`, say) set the thread count for the process; restore it."""
+    yield
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
+
 N_CLASSES = 10
 
 
