@@ -45,7 +45,7 @@ MEASURE_PROTOCOLS = ("other", "corrections", "nae")  # what the Measure tab offe
 MIN_EDITS, MAX_EDITS = 10, 500  # per model and editor; a run of the tab does at most 4 models x 6 editors x 500
 DEFAULT_N_EDITS = 100
 DEFAULT_EDITORS = (DEFAULT_EDITOR, "rmsprop")  # the page's local editor and the paper's RMSProp
-SHIPPED_RESULTS = ASSETS / "measure_defaults.json"
+SHIPPED_RESULTS = ASSETS / "measure_defaults.json"  # the embedded sample's; measure_defaults_*.json: other held-out sets
 RESULTS_FORMAT, RESULTS_VERSION = "editlab-measurement", 1
 MAX_CACHED_ROWS = 256  # a row keeps N per-edit records (~100 bytes each)
 # After each edit a run waits this long before it takes a replica again, so that a visitor whose edit
@@ -193,7 +193,7 @@ def row_key(sha256: str, heldout: str, edit_source: str, protocol: str, n_edits:
 class ResultCache:
     """Finished rows by key, the least recently used dropped beyond `most`; the shipped rows stay."""
 
-    SHIPPED = SHIPPED_RESULTS
+    SHIPPED = sorted(ASSETS.glob("measure_defaults*.json"))
 
     def __init__(self, most: int = MAX_CACHED_ROWS):
         self.most = most
