@@ -33,16 +33,17 @@ class MeasureHandlers:
     """The tab's events as plain methods (tests call them with a stand-in request)."""
 
     def __init__(self, lab: Lab, export_path: Callable[[str, str], Path], editor_labels: dict[str, str],
-                 shipped: Path | None = None):
+                 shipped: list[Path] | None = None):
         self.lab, self.export_path, self.editor_labels = lab, export_path, editor_labels
         self.cache = ResultCache()
         self.runs = ProtocolRuns()
         self.notes: list[str] = []
-        shipped = shipped or ResultCache.SHIPPED
-        try:
-            self.cache.load(shipped)
-        except (ValueError, KeyError, TypeError, OSError) as exc:  # a damaged file must not stop the app
-            self.notes.append(f"The stored measurement {shipped.name} could not be read ({exc}); runs start from scratch.")
+        for path in ResultCache.SHIPPED if shipped is None else shipped:
+            try:
+                self.cache.load(path)
+            except (ValueError, KeyError, TypeError, OSError) as exc:  # a damaged file must not stop the app
+                self.notes.append(f"The stored measurement {path.name} could not be read ({exc}); its settings are "
+                                  "measured again when asked for.")
 
     @property
     def data_root(self) -> bool:

@@ -312,6 +312,8 @@ def cmd_measure(args) -> int:
               f"{s['mean_edit_seconds']:>7.3f}")
     if args.out:
         command = "python -m editcore " + shlex.join(args.argv)
+        if args.data_root is None and data_mod.resolve_data_root(None) is not None:
+            command = "EDITLAB_DATA=/path/to/cifar10 " + command  # the data root came from the environment
         results = results_json(rows, command, commit, device=str(device), data=test_set.source,
                                load_average_start=[round(x, 2) for x in load_start],
                                load_average_end=[round(x, 2) for x in os.getloadavg()])

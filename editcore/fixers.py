@@ -261,9 +261,24 @@ class EditorFixer(Fixer):
     def __init__(self, editable: EditableModel, editor: Editor, max_steps: int = 10):
         super().__init__(editable.model)
         self.editable, self.editor, self.max_steps = editable, editor, max_steps
+        self._features: tuple[torch.Tensor, torch.Tensor] | None = None  # (images, their features at the split)
 
     def fix(self, image: torch.Tensor, target: torch.Tensor) -> EditResult:
         return edit(self.editable, normalize(image), target, self.editor, self.max_steps)
+
+    @torch.no_grad()
+    def predict(self, result: EditResult | None, images: torch.Tensor) -> torch.Tensor:
+        """As `Fixer.predict`, through the split: an edit changes only the stages from it on, so the features
+        entering it are computed once for images predicted before and after a fix (the protocol's augmented
+        views). The same stages run on the same layout as a whole forward pass: the same logits."""
+        params = result.params if result is not None else None
+        if params and self.model.first_stage_of(list(params)) < self.editable.split:
+            return super().predict(result, images)
+        if self._features is None or self._features[0] is not images:
+            with eval_mode(self.model):
+                self._features = (images, self.editable.features(inference_input(images)))
+        with eval_mode(self.model):
+            return self.editable.logits_from_features(self._features[1], params).argmax(1)
 
     def hyperparameters(self) -> dict:
         return {"editor": self.editor.name, **self.editor.hyperparameters(), "max_steps": self.max_steps,

@@ -45,12 +45,16 @@ MEASURE_PROTOCOLS = ("other", "corrections", "nae")  # what the Measure tab offe
 MIN_EDITS, MAX_EDITS = 10, 500  # per model and editor; a run of the tab does at most 4 models x 6 editors x 500
 DEFAULT_N_EDITS = 100
 DEFAULT_EDITORS = (DEFAULT_EDITOR, "rmsprop")  # the page's local editor and the paper's RMSProp
-SHIPPED_RESULTS = ASSETS / "measure_defaults.json"
+SHIPPED_RESULTS = ASSETS / "measure_defaults.json"  # the embedded sample's; measure_defaults_*.json: other held-out sets
 RESULTS_FORMAT, RESULTS_VERSION = "editlab-measurement", 1
 MAX_CACHED_ROWS = 256  # a row keeps N per-edit records (~100 bytes each)
 # After each edit a run waits this long before it takes a replica again, so that a visitor whose edit
 # was waiting for that replica gets it first (the waiting thread is woken, but must run to take it).
 COURTESY_SECONDS = 0.005
+# When an edit had to wait for its replica, another visitor is using the model: the run then also steps aside
+# for as long as it waited (at most this long), so that the visitor's next steps (its re-evaluation, top-5,
+# page) find the replica and the cores free instead of waiting behind the run's next edit.
+STEP_ASIDE_MAX_SECONDS = 2.0
 
 
 class MeasureCancelled(Exception):
@@ -189,7 +193,7 @@ def row_key(sha256: str, heldout: str, edit_source: str, protocol: str, n_edits:
 class ResultCache:
     """Finished rows by key, the least recently used dropped beyond `most`; the shipped rows stay."""
 
-    SHIPPED = SHIPPED_RESULTS
+    SHIPPED = sorted(ASSETS.glob("measure_defaults*.json"))
 
     def __init__(self, most: int = MAX_CACHED_ROWS):
         self.most = most
@@ -367,7 +371,8 @@ def measure(models: dict[str, SharedModel], settings: MeasureSettings, test_set:
     """Run the protocol for every chosen model x editor (cached rows are not run again), in that order.
 
     Each edit holds one replica of its model and gives it back before the next (`SharedModel.replica`), so
-    other users' edits run between them. `progress(done, total, stage)` after each edit; when `stop` is set,
+    other users' edits run between them; after an edit that had to wait for its replica, the run steps aside
+    as long again (STEP_ASIDE_MAX_SECONDS at most). `progress(done, total, stage)` after each edit; when `stop` is set,
     the run ends after the current edit with MeasureCancelled (finished rows stay in `cache`)."""
     settings = settings.validated(list(models), bounded)
     sets = protocol_sets(settings.protocol, test_set, 0, nae_set)
@@ -395,10 +400,12 @@ def measure(models: dict[str, SharedModel], settings: MeasureSettings, test_set:
 
         @contextlib.contextmanager
         def one_replica(plan=plan, evaluator=evaluator):
+            asked = time.perf_counter()
             with plan.shared.replica() as replica:
+                waited = time.perf_counter() - asked
                 editable = plan.shared.editable(plan.layers, replica)
                 yield EditorFixer(editable, plan.editor, plan.editor.default_max_steps), evaluator.on(editable)
-            time.sleep(courtesy_seconds)
+            time.sleep(courtesy_seconds + min(waited, STEP_ASIDE_MAX_SECONDS))
 
         def after_edit(i, n, stage=stage, first_done=first_done):
             nonlocal done

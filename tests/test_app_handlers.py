@@ -330,3 +330,14 @@ def test_training_history_draws_what_each_card_recorded():
     assert "drawn after the baseline model's 2" in drawn and "c_loc = 1.0" in drawn and "learned lr 0.0002" in drawn
     alone = training_history({"baseline": baseline}, {"baseline": "base.safetensors"})
     assert "no model here was trained for edits" in alone and "not recorded: trained without --val-size" in alone
+
+
+def test_a_damaged_stored_measurement_is_a_note_not_a_crash(handlers, tmp_path):
+    from app.measure_tab import MeasureHandlers
+    from app.ui import EDITOR_LABELS
+
+    damaged = tmp_path / "measure_defaults.json"
+    damaged.write_text('{"format": "editlab-measurement", "version": 1, "rows": [{"model": "baseline"}]}')
+    tab = MeasureHandlers(handlers.lab, handlers._export_path, EDITOR_LABELS, shipped=[damaged])
+    assert len(tab.notes) == 1 and "measure_defaults.json could not be read" in tab.notes[0]
+    assert tab.initial()[0] is None and "No stored results" in tab.initial()[1]
