@@ -12,6 +12,9 @@
 #   tools/paper_runs.sh status          each run's progress and whether it is running
 #   tools/paper_runs.sh save            git add each run's latest state (then commit it)
 #   tools/paper_runs.sh stop [NAME...]  stop the named runs, or every run (a state keeps all but the last EVERY steps)
+#   tools/paper_runs.sh score NAME N    score epoch N of run NAME on bench/locality.py (R, C; N=100 each; the paper's
+#                                       RMSProp at lr 1e-3, RMSProp at 1e-4 and the local editor): the same seeded
+#                                       edits for every run and epoch -> docs/runs/paper_runs/NAME_epN.json (+ .log)
 # Runs: editable (the paper's recipe, edits on the architecture's default layer3), baseline (same outer
 # recipe, no edit terms), editable_layer2 / baseline_layer2 (edits and their scoring on layer2).
 cd "$(dirname "$0")/.."
@@ -60,6 +63,21 @@ snapshots() {  # while run $1 trains, keep a copy of its state as each epoch end
   done
 }
 
+score() {  # epoch $2 of run $1: its weights as that epoch ended, scored on the same edits as every other
+  local name=$1 epoch=$2 dir=runs/$1 out=docs/runs/paper_runs
+  [ -f "$dir/ep$epoch.state.safetensors" ] || { echo "no $dir/ep$epoch.state.safetensors" >&2; exit 2; }
+  mkdir -p "$dir/scored" "$out"
+  .venv/bin/python -m editcore train --resume "$dir/ep$epoch.state.safetensors" --checkpoint-from-state --latest \
+    --out "$dir/scored/${name}_ep$epoch.safetensors" --device cpu --data-root "$DATA" >/dev/null || exit 1
+  OMP_NUM_THREADS=1 .venv/bin/python bench/locality.py --data-root "$DATA" --checkpoint "$dir/scored/${name}_ep$epoch.safetensors" \
+    --corrections-of assets/resnet20_baseline.safetensors --corrections-of assets/resnet20_editable.safetensors \
+    --protocols R C --n 100 --threads 1 --method "rmsprop-paper@$(layers "$name")" \
+    --method "rmsprop@$(layers "$name"),lr=1e-4" --method "local@$(layers "$name").0.conv1" \
+    --json "$out/${name}_ep$epoch.json" >"$out/${name}_ep$epoch.log" 2>&1 && tail -12 "$out/${name}_ep$epoch.log"
+}
+
+layers() { case $1 in *layer2) echo layer2 ;; *) echo layer3 ;; esac; }
+
 progress() {  # "epochs_done batch_in_epoch step seconds finished" of the state in folder $1
   .venv/bin/python - "$1/state.json" <<'PY' 2>/dev/null
 import json, sys
@@ -72,6 +90,7 @@ PY
 case "${1:-}" in
   start) shift; [ $# -gt 0 ] || { echo "name the runs to start" >&2; exit 2; }; for n in "$@"; do start "$n"; done ;;
   _snapshots) snapshots "$2" ;;
+  score) [ $# -eq 3 ] || { echo "score NAME EPOCH" >&2; exit 2; }; score "$2" "$3" ;;
   status)
     for dir in runs/*/; do
       name=$(basename "$dir"); [ -f "$dir/state.json" ] || continue
