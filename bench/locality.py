@@ -20,7 +20,7 @@ counts those (`already`) and gives the mean drop over the others (`drop_needed`)
 
 A method is EDITOR@LAYERS[,key=value...]: EDITOR is a gradient editor (rmsprop, gd, momentum, adam;
 keys lr, steps) or `local` (editcore.locality; keys energy, margin, copies, steps, keep=0/1 for
-session constraints, anchors=N). Prints one table; `--json FILE` writes every number.
+session constraints, anchors=N, ridge=R for the soft projector). Prints one table; `--json FILE` writes every number.
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ class Runner:
         if method.editor == "local":
             count = int(opts.get("anchors", len(anchors)))
             self.subspace = AnchorSubspace(self.editable, normalize(anchors.images[:count].to(device)),
-                                           energy=opts.get("energy", DEFAULT_ENERGY))
+                                           energy=opts.get("energy", DEFAULT_ENERGY), ridge=opts.get("ridge"))
         else:
             self.editor = create_editor(method.editor, lr=opts.get("lr")).to(device)
 

@@ -78,11 +78,13 @@ class AnchorSubspace:
     """
 
     def __init__(self, editable: EditableModel, anchor_inputs: torch.Tensor, energy: float = DEFAULT_ENERGY,
-                 batch_size: int = 500):
+                 batch_size: int = 500, ridge: float | None = None):
         if not 0 < energy <= 1:
             raise ValueError(f"energy must be in (0, 1], got {energy}")
+        if ridge is not None and not ridge > 0:
+            raise ValueError(f"ridge must be > 0, got {ridge}")
         model = editable.model
-        self.energy = energy
+        self.energy, self.ridge = energy, ridge
         self.names = [n for n in editable.names
                       if n.endswith(".weight") and isinstance(_owner(model, n), (nn.Conv2d, nn.Linear))]
         if not self.names:
@@ -115,9 +117,16 @@ class AnchorSubspace:
             eigenvalues, eigenvectors = torch.linalg.eigh(covariance)  # ascending
             eigenvalues = eigenvalues.clamp(min=0)
             keep = int((eigenvalues.cumsum(0) <= energy * eigenvalues.sum()).sum())
-            basis = eigenvectors[:, :max(keep, 1)]
-            self.projectors[name] = (basis @ basis.T).float()
-            self.dims[name] = (basis.shape[1], len(eigenvalues))
+            self.dims[name] = (max(keep, 1), len(eigenvalues))
+            if ridge is None:
+                basis = eigenvectors[:, :max(keep, 1)]
+                self.projectors[name] = (basis @ basis.T).float()
+            else:
+                # The soft projector ridge (C / mean eigenvalue + ridge)^-1: ~1 on directions the anchors leave
+                # empty, ~ridge / eigenvalue on busy ones. A step G M is the one that changes the anchors' outputs
+                # least, E|dW p|^2 = tr(dW C dW^T), for its first-order effect on the edit's loss.
+                weights = ridge / (eigenvalues / eigenvalues.mean() + ridge)
+                self.projectors[name] = ((eigenvectors * weights) @ eigenvectors.T).float()
 
     def project(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """tensor (shaped like the weight) with its input side projected onto the low-energy subspace."""
@@ -206,7 +215,8 @@ def local_edit(
                 losses[-1] = float(loss.detach())
             grads = torch.autograd.grad(loss, [params[n] for n in names])
             directions = {n: subspace.project(n, g) for n, g in zip(names, grads)}
-            norm2 = sum(float((d * d).sum()) for d in directions.values())
+            # <G, G M>: the loss's first-order decrease per unit step (|G P|^2 for a hard projector P)
+            norm2 = sum(float((g * directions[n]).sum()) for n, g in zip(names, grads))
             if norm2 == 0.0:
                 break  # the subspace holds no direction that moves this loss
             # Polyak step, halved until the loss goes down (the margin is not linear in the weights).
