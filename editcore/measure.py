@@ -26,9 +26,10 @@ import torch
 from .augment_views import DEFAULT_VIEWS_SEED
 from .data import ASSETS, ImageSet
 from .editors import EDITORS, Editor, create_editor
-from .fixers import EditorFixer, full_logits
+from .fixers import EditorFixer
 from .locality import DEFAULT_EDITOR
-from .metrics import EVAL_BATCH, HeldOutEvaluator, evaluate_edits
+from .heldout import EVAL_BATCH, HeldOutEvaluator, full_logits
+from .metrics import evaluate_edits
 from .nae import heldout_part
 from .nae import HELDOUT as NAE_HELDOUT
 from .session import SettingsError, SharedModel, whole_number
