@@ -21,6 +21,8 @@ from .measure import (DEFAULT_EDITORS, MAX_EDITS, MEASURE_PROTOCOLS, MIN_EDITS, 
                       measure_command, prepare_editors, results_json, summary_csv)
 from .domain import CIFAR10, Domain
 from .images import ImageError, decode_image, folder_class_names, load_image_folder, read_class_file, split_anchors
+from .torchvision_models import StagedTorchvision, load_model, read_weights
+from .sources import FolderSetup, add_folder_arguments, folder_setup_from_args, open_folder_setup
 from .workspace import (SORTS, SOURCE_NAE, SOURCE_TEST, SOURCE_UPLOADS, BrowseItem, BrowsePage, BrowseQuery, Lab,
                         Workspace, limit_allocator_retention)
 

@@ -22,12 +22,14 @@ from .device import pick_device
 from .edit import EditableModel
 from .editors import EDITORS, create_editor
 from .fixers import (FINETUNE_DEFAULT_LR, FINETUNE_DEFAULTS, FIXERS, LOOKUP_DEFAULT_THRESHOLD, EditorFixer, FinetuneFixer,
-                     Fixer, LookupFixer, full_logits)
+                     Fixer, LookupFixer)
+from .heldout import HeldOutEvaluator, full_logits
 from .locality import DEFAULT_EDITOR
 from .measure import (DEFAULT_EDITORS, DEFAULT_N_EDITS, MEASURE_PROTOCOLS, PROTOCOL_TARGETS, protocol_editor,
                       protocol_sets)
-from .metrics import HeldOutEvaluator, evaluate_edits
+from .metrics import evaluate_edits
 from .models import MODELS, create_model
+from .sources import add_folder_arguments, folder_setup_from_args
 from .torchrun import Ranks
 from .train_state import load_state
 from .training import LOC_REFERENCES, RECIPES, SCHEDULES, TrainConfig, accuracy, recipe_config, train
@@ -196,19 +198,21 @@ def run_training(args, device: torch.device) -> int:
     return 0
 
 
-def build_fixer(args, editable: EditableModel, editor, device, model_layers: str = "") -> Fixer:
+def build_fixer(args, editable: EditableModel, editor, device, model_layers: str = "",
+                replay: data_mod.ImageSet | None = None) -> Fixer:
     """The fix evaluate-edits measures: the editor, fine-tuning with replay, or a lookup table. Fine-tuning
     trains `model_layers` (the checkpoint's editable layers, where its defaults were tuned) unless
     --finetune-layers says otherwise, not the editor's own: on the local editor's one conv, fine-tuning fixed only
-    6 of 10 R edits of the sample within its budget (issue 21)."""
+    6 of 10 R edits of the sample within its budget (issue 21). `replay`: fine-tuning's training images (your own
+    model's anchors), else CIFAR-10's."""
     if args.fixer == "editor":
         return EditorFixer(editable, editor, args.max_steps)
     if args.fixer == "finetune":
-        if data_mod.resolve_data_root(args.data_root) is None:
+        if replay is None and data_mod.resolve_data_root(args.data_root) is None:
             replay = data_mod.load_train_sample()
             say(f"no data root: fine-tuning replays the shipped sample of {len(replay):,} CIFAR-10 training images "
                 f"({data_mod.TRAIN_SAMPLE_PATH.name})")
-        else:
+        elif replay is None:
             replay = data_mod.load_cifar10("train", args.data_root)
         layers = args.finetune_layers or model_layers or editable.prefixes
         return FinetuneFixer(editable.model, replay.to(device), args.replay_ratio, args.finetune_optimizer,
@@ -226,13 +230,25 @@ def cmd_evaluate_edits(args) -> int:
 
 
 def evaluate_edits_on_ranks(args, ranks: Ranks, device: torch.device) -> int:
-    ckpt = load_checkpoint(args.checkpoint, device)
+    if args.model is not None and (args.checkpoint or args.data_root):
+        raise ValueError("--model opens your own model and images: leave out --checkpoint and --data-root")
+    if args.model is None and not args.checkpoint:
+        raise ValueError("evaluate-edits needs --checkpoint, or --model torchvision:ARCH with --weights and --images")
+    if args.model is not None and args.protocol == "nae":
+        raise ValueError("--protocol nae edits the CIFAR-10-NAE set; with --model use other, corrections or random")
+    setup = folder_setup_from_args(args, device)
+    ckpt = setup.checkpoint if setup else load_checkpoint(args.checkpoint, device)
     editor, learned = protocol_editor(args.editor, ckpt.editor, args.lr)
-    prefix = args.editable_prefix or editor.default_layers or ckpt.card.get("editable_prefix") or "layer3"
-    editable = EditableModel(ckpt.model, prefix)
+    # An editor's own default layers (the local editor's conv) are the model's choice for it when it names one.
+    own = editor.default_layers and (ckpt.card.get("local_layer") or editor.default_layers)
+    prefix = args.editable_prefix or own or ckpt.card.get("editable_prefix") or "layer3"
+    editable = EditableModel(ckpt.model, prefix, anchors=setup.anchors.images if setup else None)
     if args.max_steps is None:
         args.max_steps = editor.default_max_steps  # build_fixer and the summary read it from args
-    test_set = load_split("test", args.data_root)
+    test_set = setup.heldout if setup else load_split("test", args.data_root)
+    if setup and ranks.is_main:
+        for note in setup.notes:
+            say(note)
     sets = protocol_sets(args.protocol, test_set, args.heldout_size,
                          nae_mod.load_nae(args.nae) if args.protocol == "nae" else None, say)
     edit_set, heldout_set, predictions = sets.edit_set, sets.heldout_set, None
@@ -241,7 +257,7 @@ def evaluate_edits_on_ranks(args, ranks: Ranks, device: torch.device) -> int:
     evaluator = HeldOutEvaluator(editable, heldout_set.images.to(device), heldout_set.labels.to(device),
                                  mixed_precision=False if args.precision == "float32" else None)
     fixer = build_fixer(args, editable, editor, device,
-                        args.editable_prefix or ckpt.card.get("editable_prefix") or "layer3")
+                        args.editable_prefix or ckpt.card.get("editable_prefix") or "layer3", setup and setup.anchors)
     using = (f"{editor.name} {editor.hyperparameters()} ({'learned' if learned else 'given'})" if args.fixer == "editor"
              else f"{fixer.name} {fixer.hyperparameters()}")
     if ranks.is_main:
@@ -254,7 +270,7 @@ def evaluate_edits_on_ranks(args, ranks: Ranks, device: torch.device) -> int:
         )
     if not ranks.is_main:
         return 0
-    summary.update(checkpoint=str(args.checkpoint), editor=editor.name, editor_hparams=editor.hyperparameters(),
+    summary.update(checkpoint=str(args.checkpoint or args.weights), editor=editor.name, editor_hparams=editor.hyperparameters(),
                    editor_learned=learned, protocol=args.protocol, layers=prefix, device=str(device), data=test_set.source,
                    edit_source_overlaps_heldout=sets.overlaps,
                    threads=torch.get_num_threads())
@@ -472,7 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate-edits", help="the paper's protocol: N seeded edits, drawdown on held-out images")
     add_common(p)
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", default=None, help="an editcore checkpoint (or --model, --weights, --images below)")
+    add_folder_arguments(p)
     p.add_argument("--editor", default=DEFAULT_EDITOR, choices=sorted(EDITORS),
                    help=f"default {DEFAULT_EDITOR} (the page's); naming the checkpoint's learned editor uses its learned lr")
     p.add_argument("--lr", type=float, default=None, help="editor learning rate (default: learned, else the editor's default)")

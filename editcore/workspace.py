@@ -20,6 +20,7 @@ from .data import ImageSet, load_cifar10, load_sample, load_train_sample, resolv
 from .device import pick_device
 from .images import ImageError, decode_image
 from .nae import load_nae
+from .sources import FolderSetup
 from .session import (EditReport, EditSession, EditSettings, ImageRef, SettingsError, SharedModel, parse_log,
                       whole_number)
 
@@ -85,6 +86,17 @@ class Lab:
         if not models:
             raise FileNotFoundError("no model to load. " + " ".join(notes) if notes else "no checkpoint given")
         return cls(models, sources, notes, root)
+
+    @classmethod
+    def load_folder(cls, setup: FolderSetup, name: str | None = None, replicas: int = 1, log=print) -> "Lab":
+        """A lab on your own model and image folder (`sources.open_folder_setup`, which has checked them)."""
+        card, started = setup.checkpoint.card, time.perf_counter()
+        name = name or card["arch"].split(":", 1)[1]
+        model = SharedModel(name, card["source"], setup.heldout, setup.heldout.images.device, replicas=replicas,
+                            checkpoint=setup.checkpoint, anchors=setup.anchors)
+        log(f"loaded {name} ({card['arch']}, {Path(card['source']).name}), held-out features for "
+            f"{len(setup.heldout):,} images in {time.perf_counter() - started:.1f} s")
+        return cls({name: model}, {SOURCE_TEST: setup.heldout}, setup.notes, None, setup.anchors)
 
     def source_label(self, name: str) -> str:
         if name == SOURCE_TEST:
