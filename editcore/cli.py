@@ -25,8 +25,9 @@ from .fixers import (FINETUNE_DEFAULT_LR, FINETUNE_DEFAULTS, FIXERS, LOOKUP_DEFA
                      Fixer, LookupFixer)
 from .heldout import HeldOutEvaluator, full_logits
 from .locality import DEFAULT_EDITOR
-from .measure import (DEFAULT_EDITORS, DEFAULT_N_EDITS, MEASURE_PROTOCOLS, PROTOCOL_TARGETS, protocol_editor,
-                      protocol_sets)
+from .images import load_image_folder
+from .measure import (DEFAULT_EDITORS, DEFAULT_N_EDITS, MEASURE_PROTOCOLS, PROTOCOL_TARGETS, ProtocolSets,
+                      protocol_editor, protocol_sets)
 from .metrics import evaluate_edits
 from .models import MODELS, create_model
 from .sources import add_folder_arguments, folder_setup_from_args
@@ -234,8 +235,9 @@ def evaluate_edits_on_ranks(args, ranks: Ranks, device: torch.device) -> int:
         raise ValueError("--model opens your own model and images: leave out --checkpoint and --data-root")
     if args.model is None and not args.checkpoint:
         raise ValueError("evaluate-edits needs --checkpoint, or --model torchvision:ARCH with --weights and --images")
-    if args.model is not None and args.protocol == "nae":
-        raise ValueError("--protocol nae edits the CIFAR-10-NAE set; with --model use other, corrections or random")
+    if args.model is not None and args.protocol == "nae" and not args.nae_images:
+        raise ValueError("--protocol nae with --model needs --nae-images DIR (e.g. ImageNet-A, in class folders named "
+                         "as the model's classes)")
     setup = folder_setup_from_args(args, device)
     ckpt = setup.checkpoint if setup else load_checkpoint(args.checkpoint, device)
     editor, learned = protocol_editor(args.editor, ckpt.editor, args.lr)
@@ -249,8 +251,15 @@ def evaluate_edits_on_ranks(args, ranks: Ranks, device: torch.device) -> int:
     if setup and ranks.is_main:
         for note in setup.notes:
             say(note)
-    sets = protocol_sets(args.protocol, test_set, args.heldout_size,
-                         nae_mod.load_nae(args.nae) if args.protocol == "nae" else None, say)
+    if setup and args.protocol == "nae":  # your own natural adversarial examples, edited to their true labels
+        nae_set, skipped = load_image_folder(args.nae_images, ckpt.model.domain, f"nae:{Path(args.nae_images).name}")
+        if skipped and ranks.is_main:
+            say(f"{len(skipped)} file(s) in {args.nae_images} are not readable images and were skipped")
+        heldout = test_set.subset(torch.arange(min(args.heldout_size, len(test_set)))) if args.heldout_size else test_set
+        sets = ProtocolSets(nae_set, heldout, PROTOCOL_TARGETS["nae"], False)
+    else:
+        sets = protocol_sets(args.protocol, test_set, args.heldout_size,
+                             nae_mod.load_nae(args.nae) if args.protocol == "nae" else None, say)
     edit_set, heldout_set, predictions = sets.edit_set, sets.heldout_set, None
     if args.protocol == "corrections":
         predictions = full_logits(ckpt.model, edit_set.images.to(device)).argmax(1)
@@ -275,7 +284,7 @@ def evaluate_edits_on_ranks(args, ranks: Ranks, device: torch.device) -> int:
                    edit_source_overlaps_heldout=sets.overlaps,
                    threads=torch.get_num_threads())
     if args.protocol == "nae":
-        summary.update(nae=str(args.nae), n_nae=len(edit_set))
+        summary.update(nae=str(args.nae_images if setup else args.nae), n_nae=len(edit_set))
     if args.records:
         Path(args.records).write_text(json.dumps([r.__dict__ for r in records]) + "\n")
     if args.json:
@@ -506,6 +515,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "labels of the NAE set (--nae), drawdown on the held-out part. R and C edit test images outside "
                         "the held-out set (--heldout-size M: the first M)")
     p.add_argument("--nae", default=str(nae_mod.DEFAULT_PATH), help="NAE set for --protocol nae")
+    p.add_argument("--nae-images", default=None, metavar="DIR",
+                   help="with --model: the natural adversarial examples to edit for --protocol nae, in class folders "
+                        "(e.g. ImageNet-A with --classes listing the model's wnids); drawdown on --images, "
+                        "over all the model's classes")
     p.add_argument("--fixer", default="editor", choices=FIXERS,
                    help="editor: the gradient editor; finetune: SGD/Adam with replayed training images; "
                         "lookup-exact / lookup-nn: a patch table that overrides predictions (see docs/FIXERS.md)")

@@ -178,6 +178,12 @@ def test_evaluate_edits_takes_the_same_flags(files, capsys):
     assert (summary["n_edits"], summary["n_heldout"], summary["layers"]) == (2, 24, "layer3.0.conv1")
     assert main(["evaluate-edits", *own, "--images", str(files.folder / "nowhere"), "--threads", "1"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    # The NAE protocol on your own natural adversarial examples: edits to their true labels, drawdown on --images.
+    hard = write_folder(files.folder / "hard", 2, 1)
+    assert main(["evaluate-edits", *own, "--images", str(files.images), "--protocol", "nae", "--nae-images", str(hard),
+                 "--n-edits", "2", "--json", "--threads", "1"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (summary["protocol"], summary["n_nae"], summary["n_heldout"], summary["targets"]) == ("nae", 6, 24, "true")
 
 
 def run_app(*argv: str) -> int:
