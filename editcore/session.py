@@ -149,10 +149,12 @@ class SharedModel:
 
     def __init__(self, name: str, path: str | Path, heldout: ImageSet, device: torch.device | str = "cpu",
                  mixed_precision: bool | None = None, replicas: int = 1, checkpoint: Checkpoint | None = None,
-                 anchors: ImageSet | None = None):
+                 anchors: ImageSet | None = None, source_flags: list[str] | None = None):
         """`checkpoint`: the model already loaded from `path` (a torchvision model, `load_model`), else the
         editcore checkpoint at `path` is read. `anchors`: the images the local editor keeps its edits away from
-        (default: the shipped CIFAR-10 training sample)."""
+        (default: the shipped CIFAR-10 training sample). `source_flags`: the command-line flags that open this
+        model and its held-out set again (`--model ... --images ...`), None for a checkpoint on CIFAR-10."""
+        self.source_flags = source_flags
         self.name, self.path, self.device = name, Path(path), torch.device(device)
         self.mixed_precision = native_bfloat16(self.device) if mixed_precision is None else mixed_precision
         checkpoint = checkpoint or load_checkpoint(self.path, self.device)

@@ -54,6 +54,7 @@ class FolderSetup:
     heldout: ImageSet  # the browse and held-out set
     anchors: ImageSet  # what the local editor keeps its edits away from; fine-tuning's replay
     notes: list[str] = field(default_factory=list)
+    flags: list[str] = field(default_factory=list)  # the command-line flags that open the same again
 
 
 def open_folder_setup(model: str, weights: str | Path, images: str | Path, anchors: str | Path | None = None,
@@ -85,7 +86,15 @@ def open_folder_setup(model: str, weights: str | Path, images: str | Path, ancho
         notes.append(f"No anchor folder: {len(anchor_set):,} of the {len(heldout) + len(anchor_set):,} images "
                      f"(a seeded {anchor_share:.0%}) are the local editor's anchors and are not scored as held-out")
     notes.append(f"{checkpoint.card['arch']} runs as {checkpoint.card['run_as']}")
-    return FolderSetup(checkpoint, heldout.to(device), anchor_set.to(device), notes)
+    flags = ["--model", model, "--weights", str(weights), "--images", str(images)]
+    flags += ["--anchors", str(anchors)] if anchors is not None else []
+    flags += ["--classes", str(classes_file)] if classes_file else []
+    if weights_enum:
+        flags += ["--weights-enum", weights_enum]
+    elif preprocessing and not model.startswith(EDITCORE):
+        flags += ["--image-size", str(preprocessing["size"]), "--resize", str(preprocessing["resize"]),
+                  "--mean", *map(str, preprocessing["mean"]), "--std", *map(str, preprocessing["std"])]
+    return FolderSetup(checkpoint, heldout.to(device), anchor_set.to(device), notes, flags)
 
 
 def add_folder_arguments(parser) -> None:

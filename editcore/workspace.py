@@ -93,7 +93,7 @@ class Lab:
         card, started = setup.checkpoint.card, time.perf_counter()
         name = name or card["arch"].split(":", 1)[1]
         model = SharedModel(name, card["source"], setup.heldout, setup.heldout.images.device, replicas=replicas,
-                            checkpoint=setup.checkpoint, anchors=setup.anchors)
+                            checkpoint=setup.checkpoint, anchors=setup.anchors, source_flags=setup.flags)
         log(f"loaded {name} ({card['arch']}, {Path(card['source']).name}), held-out features for "
             f"{len(setup.heldout):,} images in {time.perf_counter() - started:.1f} s")
         return cls({name: model}, {SOURCE_TEST: setup.heldout}, setup.notes, None, setup.anchors)

@@ -186,6 +186,20 @@ def test_evaluate_edits_takes_the_same_flags(files, capsys):
     assert (summary["protocol"], summary["n_nae"], summary["n_heldout"], summary["targets"]) == ("nae", 6, 24, "true")
 
 
+def test_a_measure_row_names_the_evaluate_edits_command_that_gives_its_numbers(handlers, capsys):
+    import shlex
+
+    from editcore import MeasureSettings, measure
+    from editcore.cli import main
+
+    row, = measure(handlers.lab.models, MeasureSettings(editors=("rmsprop",), n_edits=10), handlers.lab.sources["test"])
+    argv = shlex.split(row.command)[3:]  # after 'python -m editcore'
+    assert argv[:3] == ["evaluate-edits", "--model", "torchvision:resnet18"]
+    assert main([*argv, "--json", "--threads", "1"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (summary["drawdown"], summary["success_rate"]) == (row.summary["drawdown"], row.summary["success_rate"])
+
+
 def run_app(*argv: str) -> int:
     spec = importlib.util.spec_from_file_location("app_py", ROOT / "app.py")
     module = importlib.util.module_from_spec(spec)
