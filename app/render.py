@@ -111,9 +111,23 @@ def gallery(items: list[BrowseItem], classes: tuple[str, ...]) -> list[tuple[str
     return [(IMAGE_FILES.path(thumbnail(item.image)), browse_caption(item, classes)) for item in items]
 
 
-def large_image(image: torch.Tensor) -> str:
-    """The selected image's PNG file (what the model sees), enlarged by a whole factor for the page."""
-    return IMAGE_FILES.path(image, max(1, LARGE_SIDE // max(image.shape[-2:])))
+def large_image(image: torch.Tensor, original: str | None = None) -> str:
+    """The selected image's PNG file (what the model sees), enlarged by a whole factor for the page; with the
+    `original` picture file, that picture (scaled to the same height) on its left."""
+    enlarged = torch.from_numpy(upscale(image, max(1, LARGE_SIDE // max(image.shape[-2:])))).permute(2, 0, 1)
+    if original is None:
+        return IMAGE_FILES.path(enlarged)
+    try:
+        with Image.open(original) as picture:
+            picture = picture.convert("RGB")
+            height = enlarged.shape[1]
+            picture = picture.resize((max(1, round(picture.width * height / picture.height)), height),
+                                     Image.Resampling.LANCZOS)
+            left = torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1)
+    except OSError:  # the file changed on disk since the folder was read: show what the model sees
+        return IMAGE_FILES.path(enlarged)
+    gap = torch.full((3, height, 8), 255, dtype=torch.uint8)
+    return IMAGE_FILES.path(torch.cat([left, gap, enlarged], dim=2))
 
 
 def flip_gallery(images: torch.Tensor, before: torch.Tensor, after: torch.Tensor,

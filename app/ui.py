@@ -95,7 +95,7 @@ class Handlers:
         predicted = self.classes.index(topk[0][0])
         target = self.classes[label] if label >= 0 else self.classes[predicted]
         info = render.selection_info(self.lab.short_source_label(ref.source), ref.index, label, topk, self.classes)
-        return render.large_image(image), info, dict(topk), target
+        return render.large_image(image, ws.original(ref)), info, dict(topk), target
 
     def _flip_outputs(self, before, after, fixed, broken):
         heldout = self.lab.sources[SOURCE_TEST].images
@@ -380,7 +380,10 @@ def build_demo(lab: Lab) -> gr.Blocks:
             with gr.Column(scale=4):
                 gr.Markdown("### 2 · Inspect and edit")
                 with gr.Row():
-                    selected = gr.Image(label="Selected image", interactive=False, height=256, width=256,
+                    side_by_side = heldout.paths is not None
+                    selected = gr.Image(label="Selected image: the picture, and what the model sees" if side_by_side
+                                        else "Selected image", interactive=False, height=256,
+                                        width=512 if side_by_side else 256,
                                         elem_id="selected-image", buttons=[])
                     with gr.Column():
                         info = gr.Markdown(elem_id="selected-info")

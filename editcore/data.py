@@ -39,16 +39,19 @@ class ImageSet:
     labels: torch.Tensor  # int64 (N,)
     indices: torch.Tensor  # int64 (N,): position in the source split
     source: str
+    paths: list[str] | None = None  # the picture file of each row, for sets read from an image folder
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, rows) -> "ImageSet":
         rows = torch.as_tensor(rows, dtype=torch.long)
-        return ImageSet(self.images[rows], self.labels[rows], self.indices[rows], self.source)
+        paths = [self.paths[row] for row in rows.tolist()] if self.paths is not None else None
+        return ImageSet(self.images[rows], self.labels[rows], self.indices[rows], self.source, paths)
 
     def to(self, device) -> "ImageSet":
-        return ImageSet(self.images.to(device), self.labels.to(device), self.indices.to(device), self.source)
+        return ImageSet(self.images.to(device), self.labels.to(device), self.indices.to(device), self.source,
+                        self.paths)
 
 
 def resolve_data_root(data_root: str | os.PathLike | None = None) -> Path | None:

@@ -103,19 +103,20 @@ def load_image_folder(root: str | Path, domain: Domain, source: str) -> tuple[Im
         raise DataError(f"image folder {root}: the class folder(s) {', '.join(unknown[:5])} are not among the model's "
                         f"{len(domain.classes)} class names (first: {', '.join(domain.classes[:5])}); name the folders "
                         "after the classes, or pass --classes FILE")
-    images, labels, skipped = [], [], []
+    images, labels, paths, skipped = [], [], [], []
     for name in folders:
         for path in sorted(p for p in (root / name).iterdir() if p.is_file()):
             try:
                 images.append(decode_image(path, domain))
                 labels.append(domain.classes.index(name))
+                paths.append(str(path))
             except ImageError as exc:
                 skipped.append(f"{name}/{exc}")
     if not images:
         raise DataError(f"image folder {root} holds no readable image ({len(skipped)} file(s) skipped"
                         + (f", e.g. {skipped[0]}" if skipped else "") + ")")
     n = len(images)
-    return ImageSet(torch.stack(images), torch.tensor(labels, dtype=torch.long), torch.arange(n), source), skipped
+    return ImageSet(torch.stack(images), torch.tensor(labels, dtype=torch.long), torch.arange(n), source, paths), skipped
 
 
 def split_anchors(images: ImageSet, share: float, seed: int) -> tuple[ImageSet, ImageSet]:

@@ -199,6 +199,11 @@ class Workspace:
                                 if len(images) else f"source {ref.source!r} has no images yet")
         return images.images[ref.index], int(images.labels[ref.index])
 
+    def original(self, ref: ImageRef) -> str | None:
+        """The picture file behind a reference, for images read from a folder (None for CIFAR-10 and uploads)."""
+        paths = self.source(ref.source).paths
+        return paths[ref.index] if paths is not None and 0 <= ref.index < len(paths) else None
+
     def probabilities(self, model: str, source: str) -> torch.Tensor:
         """The model's current (edited) class probabilities for every image of a source."""
         session = self.session(model)
