@@ -157,7 +157,8 @@ def class_count(builder: str, tensors: dict[str, torch.Tensor]) -> tuple[int, st
     """(classes, key): the rows of the weights of the architecture's last linear layer."""
     from torchvision.models import get_model
 
-    probe = get_model(builder, weights=None)
+    with torch.device("meta"):  # the layout only: no memory, no initialisation
+        probe = get_model(builder, weights=None)
     linears = [name for name, module in probe.named_modules() if isinstance(module, nn.Linear)]
     if not linears:
         raise ValueError(f"torchvision {builder} has no linear classifier, so EditLab cannot tell its class count")

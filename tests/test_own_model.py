@@ -170,6 +170,25 @@ def test_a_builder_that_is_not_a_chain_runs_whole_and_says_so(files, tmp_path):
                            ws.session("mobilenet_v2").probabilities(setup.heldout.images).argmax(1))
 
 
+def test_a_features_chain_is_staged_with_torchvision_names(tmp_path):
+    from torchvision.models import mobilenet_v3_small
+
+    from editcore import load_model
+
+    torch.manual_seed(0)
+    net = mobilenet_v3_small(num_classes=3).eval()
+    weights = tmp_path / "mobilenet.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(weights))
+    checkpoint = load_model("torchvision:mobilenet_v3_small", weights, CLASS_NAMES, preprocessing=PREPROCESSING)
+    model = checkpoint.model
+    assert model.staged and model.stage_names[-1] == "classifier" and model.stage_names[0] == "features.0"
+    assert list(model.state_dict()) == list(net.state_dict())  # an export loads back into torchvision as it is
+    assert checkpoint.card["editable_prefix"] == "features.11" and checkpoint.card["local_layer"].startswith("features.11.")
+    with torch.no_grad():
+        x = torch.randn(2, 3, SIZE, SIZE)
+        assert torch.allclose(model(x), net(x), atol=1e-5)
+
+
 def test_evaluate_edits_takes_the_same_flags(files, capsys):
     from editcore.cli import main
 
