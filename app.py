@@ -9,7 +9,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 
 import torch  # noqa: E402
 
-from editcore import DEFAULT_THREADS, DataError, Lab, limit_allocator_retention, prepare_editors, read_card  # noqa: E402
+from editcore import (DEFAULT_THREADS, DataError, Lab, add_folder_arguments, folder_setup_from_args,  # noqa: E402
+                      limit_allocator_retention, pick_device, prepare_editors, read_card)
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_CHECKPOINTS = [f"baseline={ASSETS / 'resnet20_baseline.safetensors'}",
@@ -53,6 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "changes the last bits of an edit, so a fixed one lets edit logs replay the same elsewhere)")
     parser.add_argument("--replicas", type=int, default=0,
                         help="copies of each model, so that many edits run at once (default: CPU cores / threads)")
+    add_folder_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -64,11 +66,16 @@ def main(argv=None) -> int:
         say(f"error: --threads must be at least 1, got {args.threads}")
         return 2
     torch.set_num_threads(args.threads)
+    replicas = args.replicas or max(1, (os.cpu_count() or 1) // torch.get_num_threads())
     try:
-        checkpoints = checkpoint_names(args.checkpoint)
-        replicas = args.replicas or max(1, (os.cpu_count() or 1) // torch.get_num_threads())
-        lab = Lab.load(checkpoints, data_root=args.data_root, device=args.device, nae_path=args.nae, log=say,
-                       replicas=replicas)
+        if args.model is not None and (args.checkpoint or args.data_root):
+            raise ValueError("--model opens your own model and images: leave out --checkpoint and --data-root")
+        setup = folder_setup_from_args(args, pick_device(args.device))
+        if setup is not None:
+            lab = Lab.load_folder(setup, replicas=replicas, log=say)
+        else:
+            lab = Lab.load(checkpoint_names(args.checkpoint), data_root=args.data_root, device=args.device,
+                           nae_path=args.nae, log=say, replicas=replicas)
     except (FileNotFoundError, DataError, ValueError) as exc:
         say(f"error: {exc}")
         return 2

@@ -17,13 +17,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from editcore import CLASSES, BrowseItem, EditReport
+from editcore import BrowseItem, EditReport
 
 # Gallery thumbnails go out at 32 px as PNG; the page enlarges them with `image-rendering: pixelated`
 # (CSS below), so every CIFAR pixel stays a crisp square. Sending 128 px WebPs instead cost the server
 # ~3 ms per image, up to ~90 images per edit (docs/RELIABILITY.md).
 THUMB_SCALE = 1
-LARGE_SCALE = 8
+THUMB_MAX = 96  # larger images (a 224 px model's) go out shrunk to this side in galleries
+LARGE_SIDE = 256  # the selected image is enlarged by a whole factor up to this side
 MAX_IMAGE_FILES = 50_000  # ~2 KB each; content-addressed, so only distinct images count
 MAX_FLIPS_SHOWN = 32
 PLOT_WIDTH, PLOT_HEIGHT = 600, 320
@@ -82,42 +83,67 @@ class ImageFiles:
 IMAGE_FILES = ImageFiles()
 
 
-def class_name(label: int) -> str:
-    return CLASSES[label] if label >= 0 else "unlabelled"
+def class_name(label: int, classes: tuple[str, ...]) -> str:
+    return classes[label] if label >= 0 else "unlabelled"
 
 
-def browse_caption(item: BrowseItem) -> str:
+def browse_caption(item: BrowseItem, classes: tuple[str, ...]) -> str:
     """'true → predicted' for a mistake, 'true ✓' for a right answer, '? → predicted' without a label."""
     if item.label < 0:
-        return f"? → {CLASSES[item.predicted]}"
+        return f"? → {classes[item.predicted]}"
     if item.label == item.predicted:
-        return f"{CLASSES[item.label]} ✓"
-    return f"{CLASSES[item.label]} → {CLASSES[item.predicted]}"
+        return f"{classes[item.label]} ✓"
+    return f"{classes[item.label]} → {classes[item.predicted]}"
 
 
-def gallery(items: list[BrowseItem]) -> list[tuple[str, str]]:
+def thumbnail(image: torch.Tensor) -> torch.Tensor:
+    """The image as a gallery shows it: as it is up to THUMB_MAX pixels, else shrunk (area average) to that."""
+    side = max(image.shape[-2:])
+    if side <= THUMB_MAX:
+        return image
+    size = [max(1, round(s * THUMB_MAX / side)) for s in image.shape[-2:]]
+    shrunk = torch.nn.functional.interpolate(image[None].float(), size=size, mode="area")[0]
+    return shrunk.round().clamp(0, 255).to(torch.uint8)
+
+
+def gallery(items: list[BrowseItem], classes: tuple[str, ...]) -> list[tuple[str, str]]:
     """(PNG file, caption) per browse item."""
-    return [(IMAGE_FILES.path(item.image), browse_caption(item)) for item in items]
+    return [(IMAGE_FILES.path(thumbnail(item.image)), browse_caption(item, classes)) for item in items]
 
 
-def large_image(image: torch.Tensor) -> str:
-    """The selected image's PNG file, enlarged for the page."""
-    return IMAGE_FILES.path(image, LARGE_SCALE)
+def large_image(image: torch.Tensor, original: str | None = None) -> str:
+    """The selected image's PNG file (what the model sees), enlarged by a whole factor for the page; with the
+    `original` picture file, that picture (scaled to the same height) on its left."""
+    enlarged = torch.from_numpy(upscale(image, max(1, LARGE_SIDE // max(image.shape[-2:])))).permute(2, 0, 1)
+    if original is None:
+        return IMAGE_FILES.path(enlarged)
+    try:
+        with Image.open(original) as picture:
+            picture = picture.convert("RGB")
+            height = enlarged.shape[1]
+            picture = picture.resize((max(1, round(picture.width * height / picture.height)), height),
+                                     Image.Resampling.LANCZOS)
+            left = torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1)
+    except OSError:  # the file changed on disk since the folder was read: show what the model sees
+        return IMAGE_FILES.path(enlarged)
+    gap = torch.full((3, height, 8), 255, dtype=torch.uint8)
+    return IMAGE_FILES.path(torch.cat([left, gap, enlarged], dim=2))
 
 
 def flip_gallery(images: torch.Tensor, before: torch.Tensor, after: torch.Tensor,
-                 rows: list[int]) -> list[tuple[str, str]]:
+                 rows: list[int], classes: tuple[str, ...]) -> list[tuple[str, str]]:
     """Held-out images whose prediction an edit changed, captioned 'before → after'."""
-    return [(IMAGE_FILES.path(images[row]), f"{CLASSES[int(before[row])]} → {CLASSES[int(after[row])]}")
+    return [(IMAGE_FILES.path(thumbnail(images[row])), f"{classes[int(before[row])]} → {classes[int(after[row])]}")
             for row in rows[:MAX_FLIPS_SHOWN]]
 
 
-def selection_info(source_label: str, index: int, label: int, topk: list[tuple[str, float]]) -> str:
+def selection_info(source_label: str, index: int, label: int, topk: list[tuple[str, float]],
+                   classes: tuple[str, ...]) -> str:
     predicted, confidence = topk[0]
     verdict = ""
     if label >= 0:
-        verdict = "  \n✓ correct" if predicted == CLASSES[label] else "  \n✗ **misclassified**"
-    return (f"**{source_label} #{index}**  \ntrue label: **{class_name(label)}**  \n"
+        verdict = "  \n✓ correct" if predicted == classes[label] else "  \n✗ **misclassified**"
+    return (f"**{source_label} #{index}**  \ntrue label: **{class_name(label, classes)}**  \n"
             f"prediction: **{predicted}** ({confidence:.0%}){verdict}")
 
 
@@ -198,9 +224,9 @@ def data_uri(image: torch.Tensor) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _chip(predicted: int, target: int) -> str:
+def _chip(predicted: int, target: int, classes: tuple[str, ...]) -> str:
     kind = "hit" if predicted == target else "miss"
-    return f'<span class="chip {kind}">{html.escape(CLASSES[predicted])}</span>'
+    return f'<span class="chip {kind}">{html.escape(classes[predicted])}</span>'
 
 
 def views_html(report: EditReport, names: list[str]) -> str:
@@ -211,11 +237,11 @@ def views_html(report: EditReport, names: list[str]) -> str:
     cells = []
     for image, name, b, a in zip(report.views, names, report.views_before, report.views_after):
         cells.append(f'<figure><img src="{data_uri(image)}" alt="{html.escape(name)}"><figcaption>'
-                     f'<div class="view-name">{html.escape(name)}</div><div>before {_chip(b, target)}</div>'
-                     f'<div>after {_chip(a, target)}</div></figcaption></figure>')
+                     f'<div class="view-name">{html.escape(name)}</div><div>before {_chip(b, target, report.classes)}</div>'
+                     f'<div>after {_chip(a, target, report.classes)}</div></figcaption></figure>')
     return (f'<div class="views"><p><b>Does the fix carry over to small changes of the image?</b> '
             f'{len(names)} shifted, cropped, flipped, re-lit, JPEG-compressed and noisy copies; '
-            f'<span class="chip hit">green</span> = predicted as the target <b>{html.escape(CLASSES[target])}</b>. '
+            f'<span class="chip hit">green</span> = predicted as the target <b>{html.escape(report.classes[target])}</b>. '
             f'Before the edit {before}/{len(names)}, after it <b>{after}/{len(names)}</b>. '
             f'(A lookup table would fix only the exact image.)</p><div class="view-grid">{"".join(cells)}</div></div>')
 
@@ -302,7 +328,7 @@ def _fixed(outcome) -> str:
     return f"<b>✗ NOT fixed</b>{budget}: its other figures are those of a fix it did not make"
 
 
-def compare_html(views: torch.Tensor, names: list[str], outcomes, target: int) -> str:
+def compare_html(views: torch.Tensor, names: list[str], outcomes, target: int, classes: tuple[str, ...]) -> str:
     """One row per method: success, steps, time, held-out accuracy change, flips, augmented-view predictions."""
     uris = [data_uri(view) for view in views]
     rows = []
@@ -310,7 +336,7 @@ def compare_html(views: torch.Tensor, names: list[str], outcomes, target: int) -
         hits = sum(p == target for p in o.views_after)
         hits_before = sum(p == target for p in o.views_before)
         strip = "".join(
-            f'<img src="{uri}" title="{html.escape(name)}: {html.escape(CLASSES[p])}" '
+            f'<img src="{uri}" title="{html.escape(name)}: {html.escape(classes[p])}" '
             f'style="border: 3px solid {"#16a34a" if p == target else "#dc2626"}">'
             for uri, name, p in zip(uris, names, o.views_after))
         change = 100 * (o.accuracy_after - o.accuracy_before)
@@ -324,5 +350,5 @@ def compare_html(views: torch.Tensor, names: list[str], outcomes, target: int) -
     scored = f" ({outcomes[0].n_heldout:,} images)" if outcomes and outcomes[0].n_heldout else ""
     return (f"<p>{COMPARE_INTRO}</p><table class='compare'><tr><th>Method</th><th>Image fixed?</th><th>Steps taken</th>"
             f"<th>Time</th><th>Held-out accuracy{scored}</th><th>Fixed / broken</th>"
-            f"<th>Augmented views predicted as <b>{html.escape(CLASSES[target])}</b> (green) after the fix</th></tr>"
+            f"<th>Augmented views predicted as <b>{html.escape(classes[target])}</b> (green) after the fix</th></tr>"
             f"{''.join(rows)}</table>")

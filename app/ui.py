@@ -15,7 +15,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from editcore import (CLASSES, DEFAULT_EDITOR, EDITORS, SOURCE_TEST, SOURCE_UPLOADS, BrowseQuery, EditSettings, ImageError, ImageRef,
+from editcore import (DEFAULT_EDITOR, EDITORS, SOURCE_TEST, SOURCE_UPLOADS, BrowseQuery, EditSettings, ImageError, ImageRef,
                       Lab, SettingsError, compare_fixes, read_log, replay_summary, view_names)
 
 from . import render, render_measure
@@ -71,6 +71,7 @@ class Handlers:
 
     def __init__(self, lab: Lab):
         self.lab = lab
+        self.classes = lab.classes
         self.export_dir = Path(tempfile.mkdtemp(prefix="editlab-exports-"))
         self._export_lock = threading.Lock()
         self.view_names = view_names()
@@ -83,7 +84,7 @@ class Handlers:
         page = ws.browse(query=query)
         info = (f"Page **{page.page}** of {page.n_pages} · {page.total:,} image(s) match"
                 if page.total else "No image matches these filters.")
-        return render.gallery(page.items), info
+        return render.gallery(page.items, self.classes), info
 
     def _selection_outputs(self, ws):
         """Selected image (large), its description, the current model's top-k, the default target."""
@@ -91,14 +92,15 @@ class Handlers:
             return None, "Click an image in the gallery to inspect and edit it.", None, gr.update()
         ref, image, label = ws.selected()
         topk = ws.session(ws.model).topk(image)
-        predicted = CLASSES.index(topk[0][0])
-        target = CLASSES[label] if label >= 0 else CLASSES[predicted]
-        info = render.selection_info(self.lab.short_source_label(ref.source), ref.index, label, topk)
-        return render.large_image(image), info, dict(topk), target
+        predicted = self.classes.index(topk[0][0])
+        target = self.classes[label] if label >= 0 else self.classes[predicted]
+        info = render.selection_info(self.lab.short_source_label(ref.source), ref.index, label, topk, self.classes)
+        return render.large_image(image, ws.original(ref)), info, dict(topk), target
 
     def _flip_outputs(self, before, after, fixed, broken):
         heldout = self.lab.sources[SOURCE_TEST].images
-        return render.flip_gallery(heldout, before, after, fixed), render.flip_gallery(heldout, before, after, broken)
+        return (render.flip_gallery(heldout, before, after, fixed, self.classes),
+                render.flip_gallery(heldout, before, after, broken, self.classes))
 
     def _state_outputs(self, ws, message: str, summary: dict | None = None):
         """The effect panel for the session as it now stands (after undo, reset, a model switch...)."""
@@ -148,7 +150,7 @@ class Handlers:
     def browse(self, source, label, misclassified, min_confidence, max_confidence, sort, request: gr.Request):
         ws = self.workspace(request)
         low, high = sorted((float(min_confidence or 0), float(max_confidence if max_confidence is not None else 1)))
-        query = BrowseQuery(source=source, label=None if label in (None, ALL_CLASSES) else CLASSES.index(label),
+        query = BrowseQuery(source=source, label=None if label in (None, ALL_CLASSES) else self.classes.index(label),
                             misclassified=bool(misclassified), min_confidence=low, max_confidence=high, sort=sort,
                             page=1, page_size=PAGE_SIZE)
         return self._browse_outputs(ws, query)
@@ -195,10 +197,10 @@ class Handlers:
                    max_drop: float, request: gr.Request, progress=gr.Progress()):
         """API /apply_edit: edit the selected image to `target`; returns the report first."""
         ws = self.workspace(request)
-        if target not in CLASSES:
-            raise SettingsError(f"target must be one of {', '.join(CLASSES)}, got {target!r}")
+        if target not in self.classes:
+            raise SettingsError(f"target must be one of {', '.join(self.classes)}, got {target!r}")
         settings = self._settings(editor, lr, max_steps, layers, max_drop)
-        report = ws.apply(model, CLASSES.index(target), settings, lambda fraction, stage: progress(fraction, desc=stage))
+        report = ws.apply(model, self.classes.index(target), settings, lambda fraction, stage: progress(fraction, desc=stage))
         return self._report_outputs(ws, report)
 
     @user_errors
@@ -230,7 +232,8 @@ class Handlers:
         refs = ws.add_uploads(paths)
         ws.select(refs[0])
         gallery, info = self._browse_outputs(ws, BrowseQuery(source=SOURCE_UPLOADS, page=10**9, page_size=PAGE_SIZE))
-        message = (f"Added {len(refs)} image(s), resized to 32×32. They have no true label: choose the label "
+        size = self.lab.domain.size
+        message = (f"Added {len(refs)} image(s), resized to {size}×{size}. They have no true label: choose the label "
                    "you want in the edit panel.")
         filters = (SOURCE_UPLOADS, ALL_CLASSES, False, 0.0, 1.0, "index")  # the query just shown
         return (*filters, gallery, info, message, *self._selection_outputs(ws))
@@ -241,24 +244,24 @@ class Handlers:
         local editor, RMSProp, and the selected editor), each from its unedited model; the session's own edits are
         not touched."""
         ws = self.workspace(request)
-        if target not in CLASSES:
-            raise SettingsError(f"target must be one of {', '.join(CLASSES)}, got {target!r}")
+        if target not in self.classes:
+            raise SettingsError(f"target must be one of {', '.join(self.classes)}, got {target!r}")
         settings = EditSettings(editor=editor, max_steps=max_steps).resolved(self.lab.models[ws.model])
         ref, image, _ = ws.selected()
         progress(0.0, desc="loading training images for fine-tuning's replay")
-        views, outcomes = compare_fixes(self.lab.models, image, CLASSES.index(target), settings.editor,
+        views, outcomes = compare_fixes(self.lab.models, image, self.classes.index(target), settings.editor,
                                         settings.max_steps, self.lab.replay_set(),
                                         heldout_row=ref.index if ref.source == SOURCE_TEST else None,
                                         progress=lambda fraction, stage: progress(fraction, desc=stage))
-        return render.compare_html(views, self.view_names, outcomes, CLASSES.index(target)), \
+        return render.compare_html(views, self.view_names, outcomes, self.classes.index(target), self.classes), \
             [o.to_dict() for o in outcomes]
 
     @user_errors
     def add_to_batch(self, target: str, request: gr.Request):
         ws = self.workspace(request)
-        if target not in CLASSES:
-            raise SettingsError(f"target must be one of {', '.join(CLASSES)}, got {target!r}")
-        return self._batch_text(ws.add_to_batch(CLASSES.index(target)))
+        if target not in self.classes:
+            raise SettingsError(f"target must be one of {', '.join(self.classes)}, got {target!r}")
+        return self._batch_text(ws.add_to_batch(self.classes.index(target)))
 
     @user_errors
     def clear_batch(self, request: gr.Request):
@@ -266,11 +269,10 @@ class Handlers:
         ws.batch = []
         return self._batch_text([])
 
-    @staticmethod
-    def _batch_text(batch) -> str:
+    def _batch_text(self, batch) -> str:
         if not batch:
             return "The batch is empty. Select an image, choose its label, press **Add to batch**."
-        return "**Batch:** " + ", ".join(f"{ref.source}:{ref.index} → {CLASSES[t]}" for ref, t in batch)
+        return "**Batch:** " + ", ".join(f"{ref.source}:{ref.index} → {self.classes[t]}" for ref, t in batch)
 
     @user_errors
     def apply_batch(self, model: str, editor: str, lr: float, max_steps: float, layers: str, max_drop: float,
@@ -334,8 +336,10 @@ def build_demo(lab: Lab) -> gr.Blocks:
     with gr.Blocks(title="EditLab — editable neural networks", analytics_enabled=False) as demo:
         gr.Markdown("# EditLab")
         gr.Markdown(INTRO, elem_classes="intro")
-        gr.Markdown(f"Held-out set: {len(heldout):,} CIFAR-10 test images"
-                    f"{' (the embedded sample; pass --data-root for all 10,000)' if len(heldout) < 10000 else ''}; "
+        described = (f"{len(heldout):,} CIFAR-10 test images"
+                     f"{' (the embedded sample; pass --data-root for all 10,000)' if len(heldout) < 10000 else ''}"
+                     if heldout.source.startswith("cifar10") else lab.source_label(SOURCE_TEST))
+        gr.Markdown(f"Held-out set: {described}; "
                     "every held-out figure leaves out the images you have edited. "
                     "Your edits are private to this browser tab and vanish when you close it.")
         if lab.notes:
@@ -348,7 +352,7 @@ def build_demo(lab: Lab) -> gr.Blocks:
                 with gr.Row():
                     source = gr.Dropdown([(lab.source_label(s), s) for s in lab.source_names()], value=SOURCE_TEST,
                                          label="Images", elem_id="source", scale=3)
-                    label_filter = gr.Dropdown([("all classes", ALL_CLASSES), *[(c, c) for c in CLASSES]],
+                    label_filter = gr.Dropdown([("all classes", ALL_CLASSES), *[(c, c) for c in lab.classes]],
                                                value=ALL_CLASSES, label="True class", elem_id="class-filter", scale=2)
                     sort = gr.Dropdown([(v, k) for k, v in SORT_LABELS.items()], value="index", label="Sort by",
                                        elem_id="sort", scale=2)
@@ -376,12 +380,15 @@ def build_demo(lab: Lab) -> gr.Blocks:
             with gr.Column(scale=4):
                 gr.Markdown("### 2 · Inspect and edit")
                 with gr.Row():
-                    selected = gr.Image(label="Selected image", interactive=False, height=256, width=256,
+                    side_by_side = heldout.paths is not None
+                    selected = gr.Image(label="Selected image: the picture, and what the model sees" if side_by_side
+                                        else "Selected image", interactive=False, height=256,
+                                        width=512 if side_by_side else 256,
                                         elem_id="selected-image", buttons=[])
                     with gr.Column():
                         info = gr.Markdown(elem_id="selected-info")
                         topk = gr.Label(num_top_classes=5, label="Model's top-5", elem_id="topk")
-                target = gr.Dropdown(list(CLASSES), value=CLASSES[0], label="Correct label (the edit's target)",
+                target = gr.Dropdown(list(lab.classes), value=lab.classes[0], label="Correct label (the edit's target)",
                                      elem_id="target")
                 with gr.Row():
                     editor = gr.Dropdown([(v, k) for k, v in EDITOR_LABELS.items()], value=DEFAULT_EDITOR,
@@ -438,7 +445,7 @@ def build_demo(lab: Lab) -> gr.Blocks:
             with gr.Tab("Batch edit"):
                 gr.Markdown("Edit several images in one go: select each, choose its label, press **Add to batch**; "
                             "then **Apply batch edit** runs one edit that must fix all of them at once.")
-                batch_info = gr.Markdown(Handlers._batch_text([]))
+                batch_info = gr.Markdown(handlers._batch_text([]))
                 with gr.Row():
                     add_batch = gr.Button("Add selected image to batch")
                     apply_batch = gr.Button("Apply batch edit", variant="primary")

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from editcore import (EditableModel, HeldOutEvaluator, ImageSet, augmented_views, create_editor, edit,  # noqa: E402
                       load_checkpoint, load_cifar10, load_train_sample, normalize, resolve_data_root)
-from editcore.fixers import full_logits  # noqa: E402
+from editcore.heldout import full_logits  # noqa: E402
 from editcore.locality import (DEFAULT_COPIES, DEFAULT_ENERGY, DEFAULT_MARGIN, DEFAULT_MAX_STEPS,  # noqa: E402
                                AnchorSubspace, local_edit)
 from editcore.metrics import draw_edits  # noqa: E402

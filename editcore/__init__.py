@@ -8,9 +8,10 @@ from .augment_views import augmented_views, generalization, view_families, view_
 from .editors import EDITORS, Editor, create_editor, register_editor
 from .locality import AnchorSubspace, LocalEditor, local_edit
 from .fixers import (FIXERS, EditorFixer, FinetuneFixer, Fixer, LookupFixer, LookupTable, PatchResult, finetune,
-                     full_logits, penultimate_features)
-from .metrics import EditRecord, HeldOutEvaluator, draw_edits, evaluate_edits, summarize
-from .models import DEFAULT_ARCH, MODELS, create_model, default_editable_prefix, editable_names
+                     penultimate_features)
+from .heldout import HeldOutEvaluator, full_logits
+from .metrics import EditRecord, draw_edits, evaluate_edits, summarize
+from .models import DEFAULT_ARCH, MODELS, create_model, default_editable_prefix, editable_names, weight_layer_names
 from .training import TrainConfig, accuracy, train
 from .session import (DEFAULT_EDITOR, Corrections, EditEntry, EditReport, EditSession, EditSettings, ImageRef, SettingsError, SharedModel,
                       image_digest, read_log, replay_summary, view_names)
@@ -18,7 +19,11 @@ from .compare import MethodOutcome, compare_fixes
 from .measure import (DEFAULT_EDITORS, MAX_EDITS, MEASURE_PROTOCOLS, MIN_EDITS, PROTOCOL_LABELS, MeasureCancelled,
                       MeasureRow, MeasureSettings, ProtocolRuns, ResultCache, cached_rows, edits_csv, measure,
                       measure_command, prepare_editors, results_json, summary_csv)
-from .workspace import (SORTS, SOURCE_NAE, SOURCE_TEST, SOURCE_UPLOADS, BrowseItem, BrowsePage, BrowseQuery, ImageError, Lab,
-                        Workspace, decode_image, limit_allocator_retention)
+from .domain import CIFAR10, Domain
+from .images import ImageError, decode_image, folder_class_names, load_image_folder, read_class_file, split_anchors
+from .torchvision_models import StagedTorchvision, load_model, read_weights
+from .sources import FolderSetup, add_folder_arguments, folder_setup_from_args, open_folder_setup
+from .workspace import (SORTS, SOURCE_NAE, SOURCE_TEST, SOURCE_UPLOADS, BrowseItem, BrowsePage, BrowseQuery, Lab,
+                        Workspace, limit_allocator_retention)
 
 __all__ = [name for name in dir() if not name.startswith("_")]

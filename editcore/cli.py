@@ -22,12 +22,15 @@ from .device import pick_device
 from .edit import EditableModel
 from .editors import EDITORS, create_editor
 from .fixers import (FINETUNE_DEFAULT_LR, FINETUNE_DEFAULTS, FIXERS, LOOKUP_DEFAULT_THRESHOLD, EditorFixer, FinetuneFixer,
-                     Fixer, LookupFixer, full_logits)
+                     Fixer, LookupFixer)
+from .heldout import HeldOutEvaluator, full_logits
 from .locality import DEFAULT_EDITOR
-from .measure import (DEFAULT_EDITORS, DEFAULT_N_EDITS, MEASURE_PROTOCOLS, PROTOCOL_TARGETS, protocol_editor,
-                      protocol_sets)
-from .metrics import HeldOutEvaluator, evaluate_edits
+from .images import load_image_folder
+from .measure import (DEFAULT_EDITORS, DEFAULT_N_EDITS, MEASURE_PROTOCOLS, PROTOCOL_TARGETS, ProtocolSets,
+                      protocol_editor, protocol_sets)
+from .metrics import evaluate_edits
 from .models import MODELS, create_model
+from .sources import add_folder_arguments, folder_setup_from_args
 from .torchrun import Ranks
 from .train_state import load_state
 from .training import LOC_REFERENCES, RECIPES, SCHEDULES, TrainConfig, accuracy, recipe_config, train
@@ -196,19 +199,21 @@ def run_training(args, device: torch.device) -> int:
     return 0
 
 
-def build_fixer(args, editable: EditableModel, editor, device, model_layers: str = "") -> Fixer:
+def build_fixer(args, editable: EditableModel, editor, device, model_layers: str = "",
+                replay: data_mod.ImageSet | None = None) -> Fixer:
     """The fix evaluate-edits measures: the editor, fine-tuning with replay, or a lookup table. Fine-tuning
     trains `model_layers` (the checkpoint's editable layers, where its defaults were tuned) unless
     --finetune-layers says otherwise, not the editor's own: on the local editor's one conv, fine-tuning fixed only
-    6 of 10 R edits of the sample within its budget (issue 21)."""
+    6 of 10 R edits of the sample within its budget (issue 21). `replay`: fine-tuning's training images (your own
+    model's anchors), else CIFAR-10's."""
     if args.fixer == "editor":
         return EditorFixer(editable, editor, args.max_steps)
     if args.fixer == "finetune":
-        if data_mod.resolve_data_root(args.data_root) is None:
+        if replay is None and data_mod.resolve_data_root(args.data_root) is None:
             replay = data_mod.load_train_sample()
             say(f"no data root: fine-tuning replays the shipped sample of {len(replay):,} CIFAR-10 training images "
                 f"({data_mod.TRAIN_SAMPLE_PATH.name})")
-        else:
+        elif replay is None:
             replay = data_mod.load_cifar10("train", args.data_root)
         layers = args.finetune_layers or model_layers or editable.prefixes
         return FinetuneFixer(editable.model, replay.to(device), args.replay_ratio, args.finetune_optimizer,
@@ -226,22 +231,42 @@ def cmd_evaluate_edits(args) -> int:
 
 
 def evaluate_edits_on_ranks(args, ranks: Ranks, device: torch.device) -> int:
-    ckpt = load_checkpoint(args.checkpoint, device)
+    if args.model is not None and (args.checkpoint or args.data_root):
+        raise ValueError("--model opens your own model and images: leave out --checkpoint and --data-root")
+    if args.model is None and not args.checkpoint:
+        raise ValueError("evaluate-edits needs --checkpoint, or --model torchvision:ARCH with --weights and --images")
+    if args.model is not None and args.protocol == "nae" and not args.nae_images:
+        raise ValueError("--protocol nae with --model needs --nae-images DIR (e.g. ImageNet-A, in class folders named "
+                         "as the model's classes)")
+    setup = folder_setup_from_args(args, device)
+    ckpt = setup.checkpoint if setup else load_checkpoint(args.checkpoint, device)
     editor, learned = protocol_editor(args.editor, ckpt.editor, args.lr)
-    prefix = args.editable_prefix or editor.default_layers or ckpt.card.get("editable_prefix") or "layer3"
-    editable = EditableModel(ckpt.model, prefix)
+    # An editor's own default layers (the local editor's conv) are the model's choice for it when it names one.
+    own = editor.default_layers and (ckpt.card.get("local_layer") or editor.default_layers)
+    prefix = args.editable_prefix or own or ckpt.card.get("editable_prefix") or "layer3"
+    editable = EditableModel(ckpt.model, prefix, anchors=setup.anchors.images if setup else None)
     if args.max_steps is None:
         args.max_steps = editor.default_max_steps  # build_fixer and the summary read it from args
-    test_set = load_split("test", args.data_root)
-    sets = protocol_sets(args.protocol, test_set, args.heldout_size,
-                         nae_mod.load_nae(args.nae) if args.protocol == "nae" else None, say)
+    test_set = setup.heldout if setup else load_split("test", args.data_root)
+    if setup and ranks.is_main:
+        for note in setup.notes:
+            say(note)
+    if setup and args.protocol == "nae":  # your own natural adversarial examples, edited to their true labels
+        nae_set, skipped = load_image_folder(args.nae_images, ckpt.model.domain, f"nae:{Path(args.nae_images).name}")
+        if skipped and ranks.is_main:
+            say(f"{len(skipped)} file(s) in {args.nae_images} are not readable images and were skipped")
+        heldout = test_set.subset(torch.arange(min(args.heldout_size, len(test_set)))) if args.heldout_size else test_set
+        sets = ProtocolSets(nae_set, heldout, PROTOCOL_TARGETS["nae"], False)
+    else:
+        sets = protocol_sets(args.protocol, test_set, args.heldout_size,
+                             nae_mod.load_nae(args.nae) if args.protocol == "nae" else None, say)
     edit_set, heldout_set, predictions = sets.edit_set, sets.heldout_set, None
     if args.protocol == "corrections":
         predictions = full_logits(ckpt.model, edit_set.images.to(device)).argmax(1)
     evaluator = HeldOutEvaluator(editable, heldout_set.images.to(device), heldout_set.labels.to(device),
                                  mixed_precision=False if args.precision == "float32" else None)
     fixer = build_fixer(args, editable, editor, device,
-                        args.editable_prefix or ckpt.card.get("editable_prefix") or "layer3")
+                        args.editable_prefix or ckpt.card.get("editable_prefix") or "layer3", setup and setup.anchors)
     using = (f"{editor.name} {editor.hyperparameters()} ({'learned' if learned else 'given'})" if args.fixer == "editor"
              else f"{fixer.name} {fixer.hyperparameters()}")
     if ranks.is_main:
@@ -254,12 +279,12 @@ def evaluate_edits_on_ranks(args, ranks: Ranks, device: torch.device) -> int:
         )
     if not ranks.is_main:
         return 0
-    summary.update(checkpoint=str(args.checkpoint), editor=editor.name, editor_hparams=editor.hyperparameters(),
+    summary.update(checkpoint=str(args.checkpoint or args.weights), editor=editor.name, editor_hparams=editor.hyperparameters(),
                    editor_learned=learned, protocol=args.protocol, layers=prefix, device=str(device), data=test_set.source,
                    edit_source_overlaps_heldout=sets.overlaps,
                    threads=torch.get_num_threads())
     if args.protocol == "nae":
-        summary.update(nae=str(args.nae), n_nae=len(edit_set))
+        summary.update(nae=str(args.nae_images if setup else args.nae), n_nae=len(edit_set))
     if args.records:
         Path(args.records).write_text(json.dumps([r.__dict__ for r in records]) + "\n")
     if args.json:
@@ -472,7 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate-edits", help="the paper's protocol: N seeded edits, drawdown on held-out images")
     add_common(p)
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", default=None, help="an editcore checkpoint (or --model, --weights, --images below)")
+    add_folder_arguments(p)
     p.add_argument("--editor", default=DEFAULT_EDITOR, choices=sorted(EDITORS),
                    help=f"default {DEFAULT_EDITOR} (the page's); naming the checkpoint's learned editor uses its learned lr")
     p.add_argument("--lr", type=float, default=None, help="editor learning rate (default: learned, else the editor's default)")
@@ -489,6 +515,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "labels of the NAE set (--nae), drawdown on the held-out part. R and C edit test images outside "
                         "the held-out set (--heldout-size M: the first M)")
     p.add_argument("--nae", default=str(nae_mod.DEFAULT_PATH), help="NAE set for --protocol nae")
+    p.add_argument("--nae-images", default=None, metavar="DIR",
+                   help="with --model: the natural adversarial examples to edit for --protocol nae, in class folders "
+                        "(e.g. ImageNet-A with --classes listing the model's wnids); drawdown on --images, "
+                        "over all the model's classes")
     p.add_argument("--fixer", default="editor", choices=FIXERS,
                    help="editor: the gradient editor; finetune: SGD/Adam with replayed training images; "
                         "lookup-exact / lookup-nn: a patch table that overrides predictions (see docs/FIXERS.md)")

@@ -1,7 +1,8 @@
 """CIFAR-10 data: the python-layout batches from a data root, or the small embedded sample.
 
 Images travel as uint8 tensors of shape (N, 3, 32, 32); `normalize` and `augment` turn them into
-model inputs on whatever device they live on, so a whole split can sit on the GPU.
+model inputs on whatever device they live on, so a whole split can sit on the GPU. Other image folders
+(any size, any classes) are read by `editcore.images`; their `Domain` says what CIFAR10 says here.
 """
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-MEAN = (0.4914, 0.4822, 0.4465)
-STD = (0.2470, 0.2435, 0.2616)
+from .domain import CIFAR10
+
+CLASSES, MEAN, STD = CIFAR10.classes, CIFAR10.mean, CIFAR10.std
 BATCH_DIR = "cifar-10-batches-py"
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCHES = ("test_batch",)
@@ -34,20 +35,23 @@ class DataError(RuntimeError):
 
 @dataclass
 class ImageSet:
-    images: torch.Tensor  # uint8 (N, 3, 32, 32)
+    images: torch.Tensor  # uint8 (N, 3, S, S), S the domain's size (32 for CIFAR-10)
     labels: torch.Tensor  # int64 (N,)
     indices: torch.Tensor  # int64 (N,): position in the source split
     source: str
+    paths: list[str] | None = None  # the picture file of each row, for sets read from an image folder
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, rows) -> "ImageSet":
         rows = torch.as_tensor(rows, dtype=torch.long)
-        return ImageSet(self.images[rows], self.labels[rows], self.indices[rows], self.source)
+        paths = [self.paths[row] for row in rows.tolist()] if self.paths is not None else None
+        return ImageSet(self.images[rows], self.labels[rows], self.indices[rows], self.source, paths)
 
     def to(self, device) -> "ImageSet":
-        return ImageSet(self.images.to(device), self.labels.to(device), self.indices.to(device), self.source)
+        return ImageSet(self.images.to(device), self.labels.to(device), self.indices.to(device), self.source,
+                        self.paths)
 
 
 def resolve_data_root(data_root: str | os.PathLike | None = None) -> Path | None:
@@ -111,10 +115,8 @@ def load_train_sample() -> ImageSet:
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (N,3,H,W) -> float, standardised with the CIFAR-10 training statistics."""
-    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
-    return (images.float() / 255.0 - mean) / std
+    """uint8 (N,3,H,W) -> float, standardised with the CIFAR-10 training statistics (`CIFAR10.normalize`)."""
+    return CIFAR10.normalize(images)
 
 
 def augment(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from .domain import CIFAR10, Domain
 from .editors import Editor, Params
 from .models import StagedNet, editable_names
 
@@ -61,11 +62,19 @@ def has_tied_tensors(model: nn.Module) -> bool:
     return len({id(tensor) for tensor in tensors}) < len(tensors)
 
 
-class EditableModel:
-    """A base model, the names of its editable parameters, and the stage where they begin."""
+def model_domain(model: nn.Module) -> Domain:
+    """The model's class names, image size and normalisation (`StagedNet.domain`; CIFAR-10 for a plain module)."""
+    return getattr(model, "domain", CIFAR10)
 
-    def __init__(self, model: StagedNet, prefixes: str | Sequence[str], cache: dict | None = None):
+
+class EditableModel:
+    """A base model, the names of its editable parameters, and the stage where they begin. `anchors`: uint8
+    images that stand for "everything else" to the local editor (None: the shipped CIFAR-10 training sample)."""
+
+    def __init__(self, model: StagedNet, prefixes: str | Sequence[str], cache: dict | None = None,
+                 anchors: torch.Tensor | None = None):
         self.model = model
+        self.anchors = anchors
         # What depends only on the base weights (the local editor's anchor subspace): copies of one model
         # pass the same dict, so it is computed once.
         self.cache = {} if cache is None else cache
@@ -75,6 +84,10 @@ class EditableModel:
         self.tied = has_tied_tensors(model)
         own = dict(model.named_parameters())
         self._own = {n: own[n] for n in self.names}
+
+    @property
+    def domain(self) -> Domain:
+        return model_domain(self.model)
 
     def base_params(self) -> Params:
         """The model's own editable tensors (live; with grad when the model is being trained)."""

@@ -185,7 +185,8 @@ def run_nae_edits(model: StagedNet, imagenet_a_dir: str | Path, heldout_dir: str
     """The NAE protocol on ImageNet-A: edits to the true label of ImageNet-A images, drawdown (200-way
     error) on `heldout_dir` (same <wnid>/*.jpg layout, e.g. ImageNet validation images; other classes skipped)."""
     from .edit import EditableModel
-    from .metrics import HeldOutEvaluator, evaluate_edits
+    from .heldout import HeldOutEvaluator
+    from .metrics import evaluate_edits
 
     nae_set = as_nae_set(read_folder(imagenet_a_dir))
     heldout = as_nae_set(read_folder(heldout_dir, source="imagenet-heldout"))

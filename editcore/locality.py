@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .augment_views import view_specs
-from .data import load_train_sample, normalize
+from .data import load_train_sample
 from .edit import EditableModel, EditResult, eval_mode, logit_margins
 from .editors import Editor, Params, register_editor
 
@@ -242,8 +242,8 @@ class LocalEditor(Editor):
     """`local_edit` behind the editor interface, so the app, the CLI and the fixers can pick it by name.
 
     Its `lr` is a multiplier of the Polyak step (1: close the linearised margin gap exactly). The
-    anchor subspace of each EditableModel is computed on first use from `anchors` (default: the shipped
-    2,000-image training sample) and cached on that EditableModel.
+    anchor subspace of each EditableModel is computed on first use from `anchors` (default: the EditableModel's
+    own, else the shipped 2,000-image CIFAR-10 training sample) and cached on that EditableModel.
     """
 
     name = "local"
@@ -265,15 +265,17 @@ class LocalEditor(Editor):
         return {"lr": float(self.lr.detach()), "energy": self.energy, "margin": self.margin, "copies": self.copies}
 
     def subspace(self, editable: EditableModel) -> AnchorSubspace:
-        """The anchor subspace for `editable`: with the shipped anchors, computed once per base model
-        (`editable.cache`; editors are made per edit, models live on); with anchors of the caller's, once
-        per editor."""
+        """The anchor subspace for `editable`: with the model's anchors (`editable.anchors`, else the shipped
+        ones), computed once per base model (`editable.cache`; editors are made per edit, models live on); with
+        anchors given to this editor, once per editor."""
         cache = (editable.cache if self.anchors is None else self.__dict__).setdefault("_anchor_subspaces", {})
         key = (editable.prefixes, self.energy) if self.anchors is None else (id(editable), self.energy)
         if key not in cache:
             device = next(editable.model.parameters()).device
-            anchors = self.anchors if self.anchors is not None else load_train_sample().images
-            cache[key] = AnchorSubspace(editable, normalize(anchors.to(device)), self.energy)
+            anchors = self.anchors if self.anchors is not None else editable.anchors
+            if anchors is None:
+                anchors = load_train_sample().images
+            cache[key] = AnchorSubspace(editable, editable.domain.normalize(anchors.to(device)), self.energy)
         return cache[key]
 
     def weights_changed(self, editable: EditableModel) -> None:

@@ -14,6 +14,7 @@ import contextlib
 import csv
 import io
 import json
+import shlex
 import threading
 import time
 from collections import OrderedDict
@@ -26,9 +27,10 @@ import torch
 from .augment_views import DEFAULT_VIEWS_SEED
 from .data import ASSETS, ImageSet
 from .editors import EDITORS, Editor, create_editor
-from .fixers import EditorFixer, full_logits
+from .fixers import EditorFixer
 from .locality import DEFAULT_EDITOR
-from .metrics import EVAL_BATCH, HeldOutEvaluator, evaluate_edits
+from .heldout import EVAL_BATCH, HeldOutEvaluator, full_logits
+from .metrics import evaluate_edits
 from .nae import heldout_part
 from .nae import HELDOUT as NAE_HELDOUT
 from .session import SettingsError, SharedModel, whole_number
@@ -278,8 +280,10 @@ def display_path(path: Path) -> str:
 
 
 def evaluate_edits_command(checkpoint: str, editor: str, protocol: str, n_edits: int, seed: int,
-                           data_root: bool) -> str:
-    parts = ["python -m editcore evaluate-edits", f"--checkpoint {checkpoint}", f"--editor {editor}",
+                           data_root: bool, source_flags: list[str] | None = None) -> str:
+    """The evaluate-edits command of one row; `source_flags` (your own model and images) stand for --checkpoint."""
+    source = shlex.join(source_flags) if source_flags else f"--checkpoint {checkpoint}"
+    parts = ["python -m editcore evaluate-edits", source, f"--editor {editor}",
              f"--protocol {protocol}", f"--n-edits {n_edits}", f"--seed {seed}"]
     if data_root:
         parts.append("--data-root $EDITLAB_DATA")
@@ -287,7 +291,12 @@ def evaluate_edits_command(checkpoint: str, editor: str, protocol: str, n_edits:
 
 
 def measure_command(models: dict[str, SharedModel], settings: MeasureSettings, data_root: bool) -> str:
-    """The `python -m editcore measure` command that makes the same rows."""
+    """The `python -m editcore measure` command that makes the same rows; for your own model (which `measure`
+    does not open), the evaluate-edits command of each row."""
+    if any(models[m].source_flags for m in settings.models):
+        return "\n".join(evaluate_edits_command(display_path(models[m].path), e, settings.protocol, settings.n_edits,
+                                                settings.seed, data_root, models[m].source_flags)
+                         for m in settings.models for e in settings.editors)
     parts = ["python -m editcore measure", *[f"--checkpoint {m}={display_path(models[m].path)}" for m in settings.models],
              *[f"--editor {e}" for e in settings.editors], f"--protocol {settings.protocol}",
              f"--n-edits {settings.n_edits}", f"--seed {settings.seed}"]
@@ -428,7 +437,7 @@ def measure(models: dict[str, SharedModel], settings: MeasureSettings, test_set:
                          set_name(sets.heldout_set), set_name(sets.edit_set), summary,
                          [asdict(r) for r in records],
                          evaluate_edits_command(display_path(shared.path), name, settings.protocol, settings.n_edits,
-                                                settings.seed, data_root))
+                                                settings.seed, data_root, shared.source_flags))
         computed[plan.key] = row
         if cache is not None:
             cache.put(row)

@@ -12,11 +12,15 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from .domain import CIFAR10, Domain
+
 
 class StagedNet(nn.Module):
-    """Runs its direct children named in `stage_names` in order; `start`/`end` pick a slice."""
+    """Runs its direct children named in `stage_names` in order; `start`/`end` pick a slice. `domain`: the
+    classes, image size and normalisation of its inputs (CIFAR-10 unless the model says otherwise)."""
 
     stage_names: tuple[str, ...] = ()
+    domain: Domain = CIFAR10
 
     def forward(self, x: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
         for name in self.stage_names[start:end]:
@@ -116,6 +120,11 @@ def create_model(name: str) -> StagedNet:
 
 def default_editable_prefix(name: str) -> str:
     return MODELS[name][1]
+
+
+def weight_layer_names(model: nn.Module) -> list[str]:
+    """Names of the conv and linear modules, in definition order: the layers the local editor can edit."""
+    return [name for name, module in model.named_modules() if isinstance(module, (nn.Conv2d, nn.Linear))]
 
 
 def editable_names(model: nn.Module, prefixes: str | Sequence[str]) -> list[str]:

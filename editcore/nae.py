@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .data import ImageSet
-from .fixers import full_logits
+from .heldout import full_logits
 
 HELDOUT = (0, 5000)  # test indices [start, stop): drawdown is measured here; holds the pixel-exact 0-999
 NAE_POOL = (5000, 10000)  # test indices [start, stop): filtration candidates

@@ -29,15 +29,15 @@ from typing import Callable, Iterator
 import torch
 
 from .augment_views import augmented_views, view_specs
-from .checkpoint import load_checkpoint, save_checkpoint
-from .data import CLASSES, ImageSet, normalize
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .data import ImageSet
+from .domain import CIFAR10
 from .device import arithmetic, arithmetic_differences
-from .edit import EditableModel, edit, eval_mode
+from .edit import EditableModel, edit, eval_mode, model_domain
 from .editors import EDITORS, Editor, Params, create_editor
 from .locality import DEFAULT_EDITOR
-from .fixers import full_logits
-from .metrics import EVAL_BATCH, HeldOutEvaluator, native_bfloat16
-from .models import default_editable_prefix
+from .heldout import EVAL_BATCH, HeldOutEvaluator, full_logits, native_bfloat16
+from .models import default_editable_prefix, weight_layer_names
 
 LOG_FORMAT = "editlab-edit-log"
 LOG_VERSION = 2  # 2: "arithmetic"; held-out figures leave out the images the session edited
@@ -47,7 +47,7 @@ MAX_LR = 10.0
 MAX_EDITS_PER_SESSION = 200  # each applied edit keeps one parameter dict and one set of probabilities
 MAX_LOG_BYTES = 20_000_000
 ROW_BYTES = 36  # a held-out row in a flip list: an 8-byte pointer and a 28-byte int
-PIXELS_BYTES = 4096  # an edited 3x32x32 image in base64
+BASE64_BYTES_PER_PIXEL = 4  # an edited image's pixels in base64: 4 characters per 3 bytes (one RGB pixel)
 PREDICTION_BYTES = 8  # a held-out row's predicted class (int64), kept per state
 
 
@@ -148,18 +148,29 @@ class SharedModel:
     two threads (docs/RELIABILITY.md). Which replica runs a computation never changes its result."""
 
     def __init__(self, name: str, path: str | Path, heldout: ImageSet, device: torch.device | str = "cpu",
-                 mixed_precision: bool | None = None, replicas: int = 1):
+                 mixed_precision: bool | None = None, replicas: int = 1, checkpoint: Checkpoint | None = None,
+                 anchors: ImageSet | None = None, source_flags: list[str] | None = None):
+        """`checkpoint`: the model already loaded from `path` (a torchvision model, `load_model`), else the
+        editcore checkpoint at `path` is read. `anchors`: the images the local editor keeps its edits away from
+        (default: the shipped CIFAR-10 training sample). `source_flags`: the command-line flags that open this
+        model and its held-out set again (`--model ... --images ...`), None for a checkpoint on CIFAR-10."""
+        self.source_flags = source_flags
         self.name, self.path, self.device = name, Path(path), torch.device(device)
         self.mixed_precision = native_bfloat16(self.device) if mixed_precision is None else mixed_precision
-        checkpoint = load_checkpoint(self.path, self.device)
+        checkpoint = checkpoint or load_checkpoint(self.path, self.device)
         self.card, self.model, self.learned_editor = checkpoint.card, checkpoint.model.eval(), checkpoint.editor
+        self.domain = model_domain(self.model)
         self.sha256 = hashlib.sha256(self.path.read_bytes()).hexdigest()
         self.default_layers = self.card.get("editable_prefix") or default_editable_prefix(self.card["arch"])
+        self.local_layer = self.card.get("local_layer")  # the local editor's default here, when not its own
         # Every stage but the first (editing the stem would make every held-out check a full forward pass),
-        # and each editor's own default layers where it has them (the local editor's one conv).
-        own = [cls.default_layers for cls in EDITORS.values() if cls.default_layers]
-        self.layer_choices = tuple(dict.fromkeys([*self.model.stage_names[1:], self.default_layers, *own]))
+        # each editor's own default layers, and every conv / linear layer after the first stage.
+        own = [self.layers_for(name) for name, cls in EDITORS.items() if cls.default_layers]
+        layers = [name for name in weight_layer_names(self.model)
+                  if len(self.model.stage_names) == 1 or self.model.first_stage_of([name + ".weight"]) > 0]
+        self.layer_choices = tuple(dict.fromkeys([*self.model.stage_names[1:], self.default_layers, *own, *layers]))
         self.heldout = heldout.to(self.device)
+        self.anchors = anchors.images.to(self.device) if anchors is not None else None
         self.primary = Replica(self.model)
         self.replicas = [self.primary] + [Replica(copy.deepcopy(self.model)) for _ in range(max(1, replicas) - 1)]
         self._busy: set[Replica] = set()  # the replicas some thread holds
@@ -198,6 +209,8 @@ class SharedModel:
 
     @property
     def description(self) -> str:
+        if "model_source" in self.card:
+            return f"{self.name}: {self.card['arch']}, weights {self.path.name}, {len(self.domain.classes)} classes"
         trained = "editable-trained" if self.card.get("objective") == "editable" else "baseline-trained"
         text = f"{self.name}: {self.card['arch']}, {trained}"
         accuracy = self.card.get("test_accuracy")
@@ -212,8 +225,10 @@ class SharedModel:
         return None
 
     def layers_for(self, editor: str) -> str:
-        """The layers `editor` edits by default on this model: its own, else the checkpoint's."""
-        return EDITORS[editor].default_layers or self.default_layers
+        """The layers `editor` edits by default on this model: its own (the model's choice for it, when the
+        model names one: the local editor's conv), else the checkpoint's."""
+        own = EDITORS[editor].default_layers
+        return (self.local_layer or own) if own else self.default_layers
 
     def make_editor(self, name: str, lr: float) -> Editor:
         return create_editor(name, lr=lr).to(self.device)
@@ -226,10 +241,10 @@ class SharedModel:
         if built is not None:
             return built
         if replica is not self.primary:
-            twin = EditableModel(replica.model, layers, cache=self.editable(layers).cache)
+            twin = EditableModel(replica.model, layers, cache=self.editable(layers).cache, anchors=self.anchors)
             return replica.editables.setdefault(layers, twin)
         with self.replica(self.primary):  # reading its parameters while another thread swaps them would not do
-            return self.primary.editables.setdefault(layers, EditableModel(self.model, layers))
+            return self.primary.editables.setdefault(layers, EditableModel(self.model, layers, anchors=self.anchors))
 
     def evaluator(self, layers: str) -> HeldOutEvaluator:
         """The first replica's held-out evaluator whose cache sits at these layers' first stage (built on
@@ -267,7 +282,7 @@ class SharedModel:
     def probabilities(self, images: torch.Tensor, params: Params | None = None) -> torch.Tensor:
         """Class probabilities (N, classes) of uint8 images through the whole model (CPU)."""
         if len(images) == 0:
-            return torch.empty(0, len(CLASSES))
+            return torch.empty(0, len(self.domain.classes))
         with self.replica() as replica:
             return torch.softmax(full_logits(replica.model, images.to(self.device), params, EVAL_BATCH), 1).cpu()
 
@@ -294,7 +309,7 @@ def image_digest(image: torch.Tensor) -> str:
     return hashlib.blake2b(image.to(torch.uint8).cpu().contiguous().numpy().tobytes(), digest_size=16).hexdigest()
 
 
-def decode_pixels(text: str, shape=(3, 32, 32)) -> torch.Tensor:
+def decode_pixels(text: str, shape: tuple[int, int, int] = CIFAR10.shape) -> torch.Tensor:
     raw = base64.b64decode(text.encode("ascii"), validate=True)
     if len(raw) != math.prod(shape):
         raise SettingsError(f"an edit log image has {len(raw)} bytes, expected {math.prod(shape)}")
@@ -352,6 +367,7 @@ class EditReport:
     predictions_after: torch.Tensor = field(repr=False)  # and after it
     fixed_rows: list[int] = field(repr=False)
     broken_rows: list[int] = field(repr=False)
+    classes: tuple[str, ...] = CIFAR10.classes  # the model's class names
 
     def to_dict(self) -> dict:
         target = self.targets[0]
@@ -374,7 +390,7 @@ class EditReport:
             "corrections_held": self.corrections_held,
             "model": self.model,
             "images": [f"{r.source}:{r.index}" for r in self.refs],
-            "targets": [CLASSES[t] for t in self.targets],
+            "targets": [self.classes[t] for t in self.targets],
             **asdict(self.settings),
             "views_at_target_before": hits(self.views_before),
             "views_at_target_after": hits(self.views_after),
@@ -465,7 +481,7 @@ class EditSession:
         return [{
             "edit": entry.number,
             "images": entry.image_names(),
-            "targets": [CLASSES[t] for t in entry.targets],
+            "targets": [self.shared.domain.classes[t] for t in entry.targets],
             **asdict(entry.settings),
             "success": entry.success,
             "steps": entry.steps,
@@ -496,7 +512,8 @@ class EditSession:
         probs = self.shared.base_heldout_probs
         features = self.shared.evaluator(layers).features
         return _tensor_bytes(self.shared.editable(layers).frozen_base_params().values()) + probs.nbytes + \
-            (ROW_BYTES + PREDICTION_BYTES) * len(probs) + n_images * (PIXELS_BYTES + features[0].nbytes)
+            (ROW_BYTES + PREDICTION_BYTES) * len(probs) + \
+            n_images * (BASE64_BYTES_PER_PIXEL * self.shared.domain.size ** 2 + features[0].nbytes)
 
     def source_probabilities(self, key: str, images: torch.Tensor) -> torch.Tensor:
         """Probabilities of a fixed image set under the current edits (cached per state)."""
@@ -508,11 +525,12 @@ class EditSession:
             self._source_cache[cache_key] = self.probabilities(images)
         return self._source_cache[cache_key]
 
-    def topk(self, image: torch.Tensor, k: int = len(CLASSES)) -> list[tuple[str, float]]:
-        """The current model's k most likely classes for one uint8 image (3,H,W), best first."""
+    def topk(self, image: torch.Tensor, k: int | None = None) -> list[tuple[str, float]]:
+        """The current model's k (default: all) most likely classes for one uint8 image (3,H,W), best first."""
+        names = self.shared.domain.classes
         probs = self.probabilities(image.view(1, *image.shape[-3:]))[0]
-        values, classes = probs.topk(k)
-        return [(CLASSES[c], float(v)) for v, c in zip(values.tolist(), classes.tolist())]
+        values, classes = probs.topk(min(k or len(names), len(names)))
+        return [(names[c], float(v)) for v, c in zip(values.tolist(), classes.tolist())]
 
     def apply(self, images: torch.Tensor, targets: list[int], settings: EditSettings, refs: list[ImageRef],
               progress: Callable[[float, str], None] = lambda fraction, stage: None) -> EditReport:
@@ -523,8 +541,9 @@ class EditSession:
         images = images.view(-1, *images.shape[-3:])
         if images.dtype != torch.uint8 or len(images) == 0 or len(images) != len(targets) or len(refs) != len(targets):
             raise SettingsError("an edit needs one or more uint8 images, each with a target and a reference")
-        if not all(isinstance(t, int) and 0 <= t < len(CLASSES) for t in targets):
-            raise SettingsError(f"targets must be class indices 0-{len(CLASSES) - 1}, got {targets}")
+        n_classes = len(self.shared.domain.classes)
+        if not all(isinstance(t, int) and 0 <= t < n_classes for t in targets):
+            raise SettingsError(f"targets must be class indices 0-{n_classes - 1}, got {targets}")
         if self.history and settings.layers != self.layers:
             raise SettingsError(f"this session's edits change {self.layers}; reset before editing {settings.layers}")
         if len(self.history) >= MAX_EDITS_PER_SESSION:
@@ -539,7 +558,7 @@ class EditSession:
             earlier = self._corrections(editable, exclude=digests)
             progress(0.0, f"editing ({settings.editor}, up to {settings.max_steps} steps)")
             start_params = self.params or editable.frozen_base_params()
-            result = edit(editable, normalize(images.to(device)), target_tensor, editor, settings.max_steps,
+            result = edit(editable, shared.domain.normalize(images.to(device)), target_tensor, editor, settings.max_steps,
                           params=start_params, keep=earlier and (earlier.features, earlier.targets))
             progress(0.4, f"re-evaluating {len(shared.heldout):,} held-out images")
             started = time.perf_counter()
@@ -547,7 +566,7 @@ class EditSession:
             evaluation_seconds = time.perf_counter() - started
             progress(0.9, "checking augmented views and earlier corrections")
             with torch.no_grad(), eval_mode(replica.model):
-                view_features = editable.features(normalize(views.to(device)))  # an edit leaves these unchanged
+                view_features = editable.features(shared.domain.normalize(views.to(device)))  # an edit leaves these unchanged
                 views_before = editable.logits_from_features(view_features, self.params or None).argmax(1).tolist()
                 views_after = editable.logits_from_features(view_features, result.params).argmax(1).tolist()
                 slipped = earlier.slipped(editable, result.params) if earlier else []
@@ -592,7 +611,7 @@ class EditSession:
                           self.heldout_accuracy(self._base.predictions, scored), acc_before, acc_after, int(scored.sum()),
                           len(fixed), len(broken), int(changed.sum()), n_earlier + len(targets), corrections_held,
                           shared.name, settings, list(refs), list(targets), views_before, views_after, views, before,
-                          after, fixed, broken)
+                          after, fixed, broken, shared.domain.classes)
 
     def _latest_corrections(self) -> dict[str, tuple[str, str, int]]:
         """Each image this session edited, by digest: (its name, pixels, latest target). An image edited
@@ -606,7 +625,7 @@ class EditSession:
     def _earlier_targets(self, digests: list[str]) -> list[str]:
         """'NAME (to TARGET)' for each of `digests` this session has already edited."""
         latest = self._latest_corrections()
-        return [f"{latest[d][0]} (to {CLASSES[latest[d][2]]})" for d in dict.fromkeys(digests) if d in latest]
+        return [f"{latest[d][0]} (to {self.shared.domain.classes[latest[d][2]]})" for d in dict.fromkeys(digests) if d in latest]
 
     def _corrections(self, editable: EditableModel, exclude: list[str]) -> "Corrections | None":
         """This session's corrections (latest target per image) but the images in `exclude`, with their
@@ -617,9 +636,10 @@ class EditSession:
         keys = [(editable.prefixes, digest) for digest in latest]
         missing = [k for k in keys if k not in self._correction_features]
         if missing:
-            images = torch.stack([decode_pixels(latest[digest][1]) for _, digest in missing]).to(self.shared.device)
+            images = torch.stack([decode_pixels(latest[digest][1], self.shared.domain.shape)
+                                  for _, digest in missing]).to(self.shared.device)
             with torch.no_grad(), eval_mode(editable.model):
-                features = editable.features(normalize(images))
+                features = editable.features(self.shared.domain.normalize(images))
             self._correction_features.update(zip(missing, [f.clone() for f in features]))  # rows of their own
         self._correction_features = {k: self._correction_features[k] for k in keys}  # forget undone edits
         return Corrections([name for name, _, _ in latest.values()],
@@ -660,6 +680,8 @@ class EditSession:
         card = {**self.shared.card, "edited_from": {"checkpoint": self.shared.path.name, "sha256": self.shared.sha256},
                 "edits": self.summaries()}
         card.pop("editor", None)  # save_checkpoint re-adds it from the editor it is given
+        for key in ("source", "sha256"):  # those of the file it was edited from (kept in "edited_from")
+            card.pop(key, None)
         editor = copy.deepcopy(self.shared.learned_editor).cpu() if self.shared.learned_editor is not None else None
         return save_checkpoint(path, model, card, editor)
 
@@ -743,7 +765,7 @@ def parse_log(log: dict, shared: SharedModel) -> list[dict]:
         try:
             settings = EditSettings(**item["settings"]).resolved(shared)
             refs = [ImageRef(str(r["source"]), whole_number(r["index"], "index")) for r in item["refs"]]
-            images = torch.stack([decode_pixels(p) for p in item["pixels"]])
+            images = torch.stack([decode_pixels(p, shared.domain.shape) for p in item["pixels"]])
             targets = [whole_number(t, "target") for t in item["target_indices"]]
         except SettingsError as exc:
             raise SettingsError(f"edit {number} of the log: {exc}") from None
@@ -752,8 +774,8 @@ def parse_log(log: dict, shared: SharedModel) -> list[dict]:
         if not len(images) == len(targets) == len(refs):
             raise SettingsError(f"edit {number} of the log has {len(images)} image(s), {len(targets)} target(s) and "
                                 f"{len(refs)} reference(s); they must match")
-        if not all(0 <= t < len(CLASSES) for t in targets):
-            raise SettingsError(f"edit {number} of the log: targets must be class indices 0-{len(CLASSES) - 1}, "
+        if not all(0 <= t < len(shared.domain.classes) for t in targets):
+            raise SettingsError(f"edit {number} of the log: targets must be class indices 0-{len(shared.domain.classes) - 1}, "
                                 f"got {targets}")
         if edits and settings.layers != edits[0]["settings"].layers:
             raise SettingsError(f"edit {number} of the log changes {settings.layers} but edit 1 changes "

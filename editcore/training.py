@@ -38,7 +38,8 @@ from tqdm import tqdm
 from .data import ImageSet, augment, normalize
 from .edit import EditableModel, edit, edit_loss, eval_mode
 from .editors import EDITORS, Editor, create_editor
-from .metrics import HeldOutEvaluator, evaluate_edits
+from .heldout import HeldOutEvaluator
+from .metrics import evaluate_edits
 from .models import StagedNet, create_model, default_editable_prefix
 from .train_state import save_state
 

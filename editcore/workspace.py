@@ -15,76 +15,47 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
-
-from .data import CLASSES, ImageSet, load_cifar10, load_sample, load_train_sample, resolve_data_root
+from .data import ImageSet, load_cifar10, load_sample, load_train_sample, resolve_data_root
 from .device import pick_device
+from .images import ImageError, decode_image
 from .nae import load_nae
+from .sources import FolderSetup
 from .session import (EditReport, EditSession, EditSettings, ImageRef, SettingsError, SharedModel, parse_log,
                       whole_number)
 
 SOURCE_TEST, SOURCE_NAE, SOURCE_UPLOADS = "test", "nae", "uploads"
 SORTS = ("index", "confidence-asc", "confidence-desc", "loss-desc")
-MAX_UPLOAD_PIXELS = 40_000_000
 MAX_UPLOADS = 200
 MAX_BATCH = 32
-IMAGE_SIZE = 32
 # Session policy (WorkspaceRegistry; README "Sessions and memory").
 MAX_WORKSPACES = 64
 KEEP_SECONDS = 10 * 60  # a workspace used this recently is never dropped to make room
 IDLE_SECONDS = 3 * 3600  # one idle this long is dropped when the next newcomer arrives
 MAX_EDIT_BYTES = 1 << 30  # all workspaces' edits together (parameter dicts + held-out probabilities)
-SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # PIL's modes for 16-bit grey (PNG, TIFF)
-
-
-class ImageError(ValueError):
-    """An upload that is not a usable image; the message names the file and the reason."""
-
-
-def decode_image(path: str | Path) -> torch.Tensor:
-    """Any readable image file -> uint8 (3, 32, 32) RGB: transparency on white, the centre square,
-    resized with Lanczos. Raises ImageError for anything that is not a readable image."""
-    path = Path(path)
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-            if width * height > MAX_UPLOAD_PIXELS:
-                raise ImageError(f"{path.name} is {width}x{height} pixels; the limit is {MAX_UPLOAD_PIXELS // 1_000_000} megapixels")
-            image.draft("RGB", (4 * IMAGE_SIZE, 4 * IMAGE_SIZE))  # JPEG: decode at a reduced scale, much faster
-            image = ImageOps.exif_transpose(image)
-            if image.mode in SIXTEEN_BIT_MODES:  # convert("RGB") would clip at 255: almost white
-                image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
-            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-                image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image.convert("RGBA"))
-            image = image.convert("RGB")
-            side = min(image.size)
-            left, top = (image.width - side) // 2, (image.height - side) // 2
-            image = image.crop((left, top, left + side, top + side))
-            image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
-            pixels = np.asarray(image, dtype=np.uint8)
-    except ImageError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - PIL raises many types for damaged files; all mean "unreadable"
-        reason = str(exc).replace(str(path), path.name)  # PIL names the server's (temporary) path
-        raise ImageError(f"{path.name} is not a readable image ({type(exc).__name__}: {reason})") from None
-    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous()
 
 
 class Lab:
     """Everything shared by all users: models (by name), the held-out set, fixed browse sources."""
 
     def __init__(self, models: dict[str, SharedModel], sources: dict[str, ImageSet], notes: list[str] | None = None,
-                 data_root: Path | None = None):
+                 data_root: Path | None = None, replay: ImageSet | None = None):
+        """`replay`: fine-tuning's training images (default: CIFAR-10's, read on first use)."""
         if not models:
             raise ValueError("the lab needs at least one model")
         self.models, self.sources, self.notes, self.data_root = models, sources, list(notes or []), data_root
         if any(len(m.heldout) != len(sources[SOURCE_TEST]) for m in models.values()):
             raise ValueError("every model must be evaluated on the test source (the held-out set)")
+        self.domain = next(iter(models.values())).domain
+        if any(m.domain != self.domain for m in models.values()):
+            raise ValueError("every model of a lab must have the same classes and preprocessing")
         self.registry = WorkspaceRegistry(self)
-        self._train: ImageSet | None = None
+        self._train: ImageSet | None = replay
         self._train_lock = threading.Lock()
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.domain.classes
 
     @classmethod
     def load(cls, checkpoints: list[tuple[str, Path]], data_root: str | Path | None = None, device: str | None = None,
@@ -116,9 +87,22 @@ class Lab:
             raise FileNotFoundError("no model to load. " + " ".join(notes) if notes else "no checkpoint given")
         return cls(models, sources, notes, root)
 
+    @classmethod
+    def load_folder(cls, setup: FolderSetup, name: str | None = None, replicas: int = 1, log=print) -> "Lab":
+        """A lab on your own model and image folder (`sources.open_folder_setup`, which has checked them)."""
+        card, started = setup.checkpoint.card, time.perf_counter()
+        name = name or card["arch"].split(":", 1)[1]
+        model = SharedModel(name, card["source"], setup.heldout, setup.heldout.images.device, replicas=replicas,
+                            checkpoint=setup.checkpoint, anchors=setup.anchors, source_flags=setup.flags)
+        log(f"loaded {name} ({card['arch']}, {Path(card['source']).name}), held-out features for "
+            f"{len(setup.heldout):,} images in {time.perf_counter() - started:.1f} s")
+        return cls({name: model}, {SOURCE_TEST: setup.heldout}, setup.notes, None, setup.anchors)
+
     def source_label(self, name: str) -> str:
         if name == SOURCE_TEST:
             test = self.sources[SOURCE_TEST]
+            if test.source.startswith("images:"):
+                return f"Images in {test.source.split(':', 1)[1]} ({len(test):,})"
             return f"CIFAR-10 test ({len(test):,}{' sample' if len(test) < 10000 else ''})"
         if name == SOURCE_NAE:
             return f"Natural adversarial examples ({len(self.sources[SOURCE_NAE]):,})"
@@ -133,7 +117,8 @@ class Lab:
             return self._train
 
     def short_source_label(self, name: str) -> str:
-        return {SOURCE_TEST: "CIFAR-10 test", SOURCE_NAE: "NAE", SOURCE_UPLOADS: "Upload"}.get(name, name)
+        test = "Image" if self.sources[SOURCE_TEST].source.startswith("images:") else "CIFAR-10 test"
+        return {SOURCE_TEST: test, SOURCE_NAE: "NAE", SOURCE_UPLOADS: "Upload"}.get(name, name)
 
     def source_names(self) -> list[str]:
         return [*self.sources, SOURCE_UPLOADS]
@@ -154,7 +139,7 @@ class BrowseQuery:
 @dataclass(frozen=True)
 class BrowseItem:
     ref: ImageRef
-    image: torch.Tensor  # uint8 (3, 32, 32)
+    image: torch.Tensor  # uint8 (3, S, S), the domain's size
     label: int  # -1: unknown (uploads)
     predicted: int
     confidence: float
@@ -177,7 +162,7 @@ class Workspace:
         self.sessions: dict[str, EditSession] = {}
         self.model = "editable" if "editable" in lab.models else next(iter(lab.models))  # the one on screen
         self.query = BrowseQuery()  # the last browse request, re-run after every edit
-        self.uploads = torch.empty(0, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
+        self.uploads = torch.empty(0, *lab.domain.shape, dtype=torch.uint8)
         self.upload_names: list[str] = []
         self.selection: ImageRef | None = None
         self.page_refs: list[ImageRef] = []
@@ -207,12 +192,17 @@ class Workspace:
         return self.lab.sources[name]
 
     def image(self, ref: ImageRef) -> tuple[torch.Tensor, int]:
-        """(uint8 image (3,32,32), true label or -1) for a reference; SettingsError if out of range."""
+        """(uint8 image (3,S,S), true label or -1) for a reference; SettingsError if out of range."""
         images = self.source(ref.source)
         if not 0 <= ref.index < len(images):
             raise SettingsError(f"index must be between 0 and {len(images) - 1} for source {ref.source!r}, got {ref.index}"
                                 if len(images) else f"source {ref.source!r} has no images yet")
         return images.images[ref.index], int(images.labels[ref.index])
+
+    def original(self, ref: ImageRef) -> str | None:
+        """The picture file behind a reference, for images read from a folder (None for CIFAR-10 and uploads)."""
+        paths = self.source(ref.source).paths
+        return paths[ref.index] if paths is not None and 0 <= ref.index < len(paths) else None
 
     def probabilities(self, model: str, source: str) -> torch.Tensor:
         """The model's current (edited) class probabilities for every image of a source."""
@@ -286,7 +276,7 @@ class Workspace:
         decoded, errors = [], []
         for path in paths:
             try:
-                decoded.append(decode_image(path))
+                decoded.append(decode_image(path, self.lab.domain))
             except ImageError as exc:
                 errors.append(str(exc))
         if errors:
@@ -335,8 +325,8 @@ class Workspace:
     def add_to_batch(self, target: int) -> list[tuple[ImageRef, int]]:
         with self.lock:
             ref, _, _ = self.selected()
-            if not 0 <= target < len(CLASSES):
-                raise SettingsError(f"target must be a class index 0-{len(CLASSES) - 1}")
+            if not 0 <= target < len(self.lab.classes):
+                raise SettingsError(f"target must be a class index 0-{len(self.lab.classes) - 1}")
             if len(self.batch) >= MAX_BATCH:
                 raise SettingsError(f"a batch holds at most {MAX_BATCH} images")
             self.batch = [item for item in self.batch if item[0] != ref] + [(ref, target)]

@@ -309,7 +309,7 @@ def test_a_compare_row_says_plainly_when_its_method_did_not_fix_the_image(handle
 
     outcome = MethodOutcome("Fine-tuning (baseline model)", "baseline", "Adam on layer3", False, 500, 9.5, 0.9, 0.89, 0, 10,
                             [0] * 16, [1] * 16, {}, 999, 500)
-    table = render.compare_html(torch.zeros(16, 3, 32, 32, dtype=torch.uint8), handlers.view_names, [outcome], 3)
+    table = render.compare_html(torch.zeros(16, 3, 32, 32, dtype=torch.uint8), handlers.view_names, [outcome], 3, CLASSES)
     assert "NOT fixed</b> within 500 steps" in table and "500 of up to 500" in table and "999 images" in table
 
 
