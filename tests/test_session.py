@@ -103,6 +103,49 @@ def test_guardrail_rolls_back_an_edit_that_costs_too_much(ws):
     assert kept.applied and len(session.history) == 1
 
 
+def test_an_edit_tells_its_outcome_then_exact_held_out_figures_part_by_part(ws, lab, monkeypatch):
+    from editcore import session as session_module
+
+    monkeypatch.setattr(session_module, "FIRST_SCORED_ROWS", 400)  # the sample in two parts, as the 10,000 images are
+    item = first_misclassified(ws)
+    session = ws.session("baseline")
+    heard = []
+    report = ws.apply("baseline", item.label, EditSettings(editor="rmsprop", lr=1e-3, max_steps=20),
+                      on_outcome=heard.append, on_scored=heard.append)
+    outcome, score = heard
+    assert isinstance(outcome, session_module.EditOutcome) and isinstance(score, session_module.HeldOutScore)
+    assert outcome.applied is report.applied is True and outcome.message == report.message
+    assert (outcome.success, outcome.steps, outcome.views_after, outcome.corrections_held) == \
+        (report.success, report.steps, report.views_after, report.corrections_held)
+    assert outcome.topk == session.topk(item.image)  # the edited model's, as the page shows it once kept
+    # The first part's figures are exact for its rows: those of the full report's predictions on them.
+    labels, first = lab.sources[SOURCE_TEST].labels, slice(0, 400)
+    scored = torch.arange(len(labels)) != item.ref.index
+    right = lambda predictions: int(((predictions[first] == labels[first]) & scored[first]).sum())  # noqa: E731
+    assert (score.n_rows, score.n_total, score.n_heldout) == (400, 1000, int(scored[first].sum()))
+    assert score.heldout_accuracy_before == right(report.predictions_before) / score.n_heldout
+    assert score.heldout_accuracy_after == right(report.predictions_after) / score.n_heldout
+    assert score.n_fixed == sum(r < 400 for r in report.fixed_rows)
+    assert score.n_broken == sum(r < 400 for r in report.broken_rows)
+    # The parts put together are one pass over every row.
+    whole = lab.models["baseline"].heldout_probabilities(session.layers, session.params)
+    assert torch.equal(session.heldout_probs, whole)
+
+
+def test_with_a_guardrail_the_outcome_waits_for_the_held_out_verdict(ws):
+    item = first_misclassified(ws)
+    heard = []
+    report = ws.apply("baseline", item.label, EditSettings(editor="rmsprop", lr=0.05, max_steps=20, max_drop=0.5),
+                      on_outcome=heard.append)
+    assert heard[0].success and heard[0].applied is None and "guardrail" in heard[0].message
+    assert not report.applied and "Guardrail" in report.message
+    assert heard[0].topk[0][0] == CLASSES[item.label]  # the candidate's, shown while the guardrail checks it
+    failed = []
+    ws.apply("baseline", item.label, EditSettings(editor="gd", lr=1e-9, max_steps=2, max_drop=0.5), on_outcome=failed.append)
+    assert failed[0].applied is False and "did not reach" in failed[0].message  # nothing left to wait for
+    assert failed[0].topk == ws.session("baseline").topk(item.image)
+
+
 @pytest.mark.parametrize("settings, message", [
     (EditSettings(lr=-1), "learning rate"),
     (EditSettings(lr=0), "learning rate"),
