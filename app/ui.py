@@ -33,6 +33,7 @@ ALL_CLASSES = "all"
 PAGE_SIZE = 24
 MAX_LOG_UPLOAD_BYTES = 20_000_000
 MAX_EXPORT_FILES = 200  # the newest exports (weights, cards, logs) kept for download
+OUTCOME_WAIT_S = 5.0  # longest the held-out scoring waits for Gradio to send an edit's outcome
 INTRO = (
     "**Find a wrong prediction, fix it, and see what the fix costs.** An *editable* network "
     "(Sinitsin et al., “Editable Neural Networks”, ICLR 2020) is trained so that a few gradient steps on one "
@@ -241,12 +242,18 @@ class Handlers:
         if target not in CLASSES:
             raise SettingsError(f"target must be one of {', '.join(CLASSES)}, got {target!r}")
         settings = self._settings(editor, lr, max_steps, layers, max_drop)
-        news = queue.SimpleQueue()
+        news, outcome_sent = queue.SimpleQueue(), threading.Event()
+
+        def hand_over(outcome: EditOutcome):
+            # The scoring waits until Gradio has sent the outcome (it resumes the generator only then): on a busy
+            # CPU the two would share the cores and the outcome would reach the page later.
+            news.put(outcome)
+            outcome_sent.wait(OUTCOME_WAIT_S)
 
         def run():
             try:
                 news.put(ws.apply(model, CLASSES.index(target), settings,
-                                  lambda fraction, stage: progress(fraction, desc=stage), news.put, news.put))
+                                  lambda fraction, stage: progress(fraction, desc=stage), hand_over, news.put))
             except Exception as exc:  # noqa: BLE001 - raised again below, in the event's own thread
                 news.put(exc)
 
@@ -254,9 +261,13 @@ class Handlers:
         # after each yield, and the workspace's lock and the model replica it holds belong to one thread.
         threading.Thread(target=contextvars.copy_context().run, args=(run,), daemon=True).start()
         outcome = None
-        while not isinstance(item := news.get(), (EditReport, Exception)):
-            outcome = item if isinstance(item, EditOutcome) else outcome  # the outcome comes before any score
-            yield self._outcome_outputs(ws, outcome, item if isinstance(item, HeldOutScore) else None)
+        try:
+            while not isinstance(item := news.get(), (EditReport, Exception)):
+                outcome = item if isinstance(item, EditOutcome) else outcome  # the outcome comes before any score
+                yield self._outcome_outputs(ws, outcome, item if isinstance(item, HeldOutScore) else None)
+                outcome_sent.set()
+        finally:
+            outcome_sent.set()  # a client gone (the generator closed) must not hold the edit
         if isinstance(item, Exception):
             raise item
         yield self._report_outputs(ws, item, outcome)
