@@ -328,9 +328,12 @@ def test_browse_filters_sort_and_pages(ws, lab):
 
 
 def _image_file(tmp_path, name, mode, size, fmt):
+    """Pixel i is (7i mod 256) in a one-band mode, else (k*i mod 256) in band k (1-based); built with numpy (a
+    list of 3.8 M tuples for the large JPEG took most of the upload test's time)."""
     image = Image.new(mode, size)
-    image.putdata([(i * 7) % 256 if mode in ("L", "P") else tuple((i * k) % 256 for k in range(1, len(mode) + 1))
-                   for i in range(size[0] * size[1])])
+    i = np.arange(size[0] * size[1], dtype=np.int64)[:, None]
+    bands = np.array([7]) if mode in ("L", "P") else np.arange(1, len(mode) + 1)
+    image.frombytes(((i * bands) % 256).astype(np.uint8).tobytes())
     path = tmp_path / name
     image.save(path, format=fmt)
     return path
@@ -497,19 +500,21 @@ def test_without_a_data_root_the_replay_set_is_the_shipped_training_sample(lab):
 
 
 def test_mixed_precision_held_out_predictions_equal_float32(lab):
-    """bfloat16 re-evaluation with float32 for low-margin rows predicts exactly what float32 does."""
+    """bfloat16 re-evaluation with float32 for low-margin rows predicts exactly what float32 does (the float32
+    cached evaluator here; tests/test_metrics.py checks that it predicts what the whole model does)."""
     from editcore import SharedModel, create_editor, edit
 
     reference = lab.models["baseline"]
     mixed = SharedModel("mixed", reference.path, lab.sources[SOURCE_TEST], mixed_precision=True)
     editable = reference.editable("layer3")
-    evaluator = reference.evaluator("layer3")
+    float32 = reference.evaluator("layer3").on(editable)
+    float32.mixed_precision = False  # the same cached features, scored in float32 whatever this CPU
     images = lab.sources[SOURCE_TEST].images
-    assert torch.equal(mixed.heldout_logits("layer3", None).argmax(1), evaluator.predict_full())
+    assert torch.equal(mixed.heldout_logits("layer3", None).argmax(1), float32.predict())
     for row, target, lr in ((0, 3, 1e-3), (1, 9, 1e-2), (2, 0, 3e-2)):
         params = edit(editable, normalize(images[row : row + 1]), torch.tensor([target]),
                       create_editor("rmsprop", lr=lr), max_steps=10).params
-        assert torch.equal(mixed.heldout_logits("layer3", params).argmax(1), evaluator.predict_full(params))
+        assert torch.equal(mixed.heldout_logits("layer3", params).argmax(1), float32.predict(params))
 
 
 def test_a_missing_checkpoint_is_a_note_and_an_nae_set_a_source(lab, tmp_path):
