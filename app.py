@@ -6,9 +6,6 @@ import threading
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no outside connection
-# Before torch starts its OpenMP threads: a thread that finishes its share of a computation sleeps instead of
-# spinning for the next one. The same arithmetic; an apply on 2 threads took 2.4x less CPU (docs/PERFORMANCE.md).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
