@@ -77,6 +77,19 @@ def test_the_pages_apply_shows_the_outcome_first_then_the_whole_report(handlers)
     assert len(handlers.history(r)) == 1
 
 
+def test_a_page_gone_after_the_outcome_leaves_the_edit_whole(handlers):
+    r = request("gone")
+    handlers.on_load(r)
+    ws = handlers.workspace(r)
+    true_label = CLASSES[int(handlers.lab.sources["test"].labels[ws.selection.index])]
+    steps = handlers.apply_edit_progressively(true_label, "editable", None, None, None, None, 0, r)
+    assert "Applied:" in next(steps)[1]
+    steps.close()  # as Gradio does when the client goes: the scoring is not held back for it
+    with ws.lock:  # the edit holds it until its end
+        session = ws.session("editable")
+        assert len(session.history) == 1 and session.heldout_accuracy() == session.accuracy_curve()[-1]
+
+
 def test_errors_become_page_messages(handlers, tmp_path):
     r = request("h2")
     handlers.on_load(r)
