@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from editcore import BrowseItem, EditReport
+from editcore import BrowseItem, EditOutcome, EditReport, HeldOutScore
 
 # Gallery thumbnails go out at 32 px as PNG; the page enlarges them with `image-rendering: pixelated`
 # (CSS below), so every CIFAR pixel stays a crisp square. Sending 128 px WebPs instead cost the server
@@ -250,19 +250,44 @@ def views_placeholder(text: str) -> str:
     return f'<div class="views"><p>{html.escape(text)}</p></div>'
 
 
+HEADLINES = {True: "Applied", False: "Rolled back", None: "Checking"}  # None: the guardrail awaits the scoring
+
+
+def _edit_line(edit: EditReport | EditOutcome) -> str:
+    settings = edit.settings
+    return (f"{'Reached' if edit.success else 'Did not reach'} *{', '.join(edit.classes[t] for t in edit.targets)}* in "
+            f"{edit.steps} step(s), {edit.seconds:.2f} s ({settings.editor}, lr {settings.lr:.3g}, {settings.layers}). ")
+
+
+def _corrections_line(edit: EditReport | EditOutcome, effect: str) -> str:
+    return (f"Corrections{effect}: **{edit.corrections_held} of {edit.n_corrections} hold** (this edit's image(s) and "
+            "the session's earlier ones).")
+
+
 def status_markdown(report: EditReport) -> str:
-    d = report.to_dict()
-    change = 100 * (d["heldout_accuracy_after"] - d["heldout_accuracy_before"])
-    headline = f"**Applied:** {d['message']}" if report.applied else f"**Rolled back:** {d['message']}"
+    change = 100 * (report.heldout_accuracy_after - report.heldout_accuracy_before)
     effect = "" if report.applied else " (would have been)"
-    return (f"{headline}  \n"
-            f"{'Reached' if d['success'] else 'Did not reach'} *{', '.join(d['targets'])}* in {d['steps']} step(s), "
-            f"{d['seconds']:.2f} s ({d['editor']}, lr {d['lr']:.3g}, {d['layers']}). "
-            f"Held-out accuracy{effect} {100 * d['heldout_accuracy_before']:.2f}% → "
-            f"{100 * d['heldout_accuracy_after']:.2f}% ({change:+.2f} points): **{d['n_fixed']} fixed**, "
-            f"**{d['n_broken']} broken**, {d['n_changed']} of {d['n_heldout']:,} changed their prediction. "
-            f"Corrections{effect}: **{d['corrections_held']} of {d['n_corrections']} hold** (this edit's image(s) and "
-            f"the session's earlier ones).  \n{SCORING_RULE}")
+    return (f"**{HEADLINES[report.applied]}:** {report.message}  \n{_edit_line(report)}"
+            f"Held-out accuracy{effect} {100 * report.heldout_accuracy_before:.2f}% → "
+            f"{100 * report.heldout_accuracy_after:.2f}% ({change:+.2f} points): **{report.n_fixed} fixed**, "
+            f"**{report.n_broken} broken**, {report.n_changed} of {report.n_heldout:,} changed their prediction. "
+            f"{_corrections_line(report, effect)}  \n{SCORING_RULE}")
+
+
+def outcome_markdown(outcome: EditOutcome, score: HeldOutScore | None, n_total: int) -> str:
+    """The status while the held-out images are scored: the edit's outcome and the figures of the rows scored so
+    far (`score`), each exact for the images it names."""
+    effect = " (would have been)" if outcome.applied is False else ""
+    if score is None:
+        heldout = f"Held-out accuracy: scoring the {n_total:,} held-out images…"
+    else:
+        change = 100 * (score.heldout_accuracy_after - score.heldout_accuracy_before)
+        heldout = (f"Held-out accuracy{effect} on the first {score.n_rows:,} of {score.n_total:,} images "
+                   f"({score.n_heldout:,} scored): {100 * score.heldout_accuracy_before:.2f}% → "
+                   f"{100 * score.heldout_accuracy_after:.2f}% ({change:+.2f} points), **{score.n_fixed} fixed**, "
+                   f"**{score.n_broken} broken**; scoring the other {score.n_total - score.n_rows:,}…")
+    return (f"**{HEADLINES[outcome.applied]}:** {outcome.message}  \n{_edit_line(outcome)}{heldout} "
+            f"{_corrections_line(outcome, effect)}  \n{SCORING_RULE}")
 
 
 SCORING_RULE = ("*Held-out figures leave out every image this session has edited: they say what the edits did to "

@@ -3,9 +3,12 @@
 Every handler finds the caller's workspace by the Gradio session hash, so each browser tab (and each
 gradio_client) has its own edits; the models and held-out caches inside `Lab` are shared.
 """
+import contextvars
 import functools
+import inspect
 import json
 import os
+import queue
 import re
 import secrets
 import tempfile
@@ -15,8 +18,9 @@ from pathlib import Path
 
 import gradio as gr
 
-from editcore import (DEFAULT_EDITOR, EDITORS, SOURCE_TEST, SOURCE_UPLOADS, BrowseQuery, EditSettings, ImageError, ImageRef,
-                      Lab, SettingsError, compare_fixes, read_log, replay_summary, view_names)
+from editcore import (DEFAULT_EDITOR, EDITORS, SOURCE_TEST, SOURCE_UPLOADS, BrowseQuery, EditOutcome, EditReport,
+                      EditSettings, HeldOutScore, ImageError, ImageRef, Lab, SettingsError, compare_fixes, read_log,
+                      replay_summary, view_names)
 
 from . import render, render_measure
 from .measure_tab import MeasureHandlers, build_measure_tab
@@ -29,6 +33,7 @@ ALL_CLASSES = "all"
 PAGE_SIZE = 24
 MAX_LOG_UPLOAD_BYTES = 20_000_000
 MAX_EXPORT_FILES = 200  # the newest exports (weights, cards, logs) kept for download
+OUTCOME_WAIT_S = 5.0  # longest the held-out scoring waits for Gradio to send an edit's outcome
 INTRO = (
     "**Find a wrong prediction, fix it, and see what the fix costs.** An *editable* network "
     "(Sinitsin et al., “Editable Neural Networks”, ICLR 2020) is trained so that a few gradient steps on one "
@@ -42,11 +47,21 @@ INTRO = (
 
 def user_errors(fn):
     """Turn editcore's refusals into a message in the page (state is unchanged: they are raised first)."""
+    refusals = (SettingsError, ImageError, FileNotFoundError)
+    if inspect.isgeneratorfunction(fn):  # Gradio streams a generator's yields: it must stay one
+        @functools.wraps(fn)
+        def generator(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except refusals as exc:
+                raise gr.Error(str(exc), title="Not possible") from None
+        return generator
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (SettingsError, ImageError, FileNotFoundError) as exc:
+        except refusals as exc:
             raise gr.Error(str(exc), title="Not possible") from None
     return wrapper
 
@@ -116,15 +131,31 @@ class Handlers:
                                          "re-lit copies of the image."),
                 fixed_gallery, broken_gallery, render.history_rows(session.summaries()), *self._browse_outputs(ws))
 
-    def _report_outputs(self, ws, report):
+    def _report_outputs(self, ws, report, shown: EditOutcome | None = None):
+        """The effect panel for an edit's report; what the page already shows from its outcome (`shown`, when
+        its verdict did not wait for the scoring: the same top-k, description and views) is not sent again."""
         session = ws.session(ws.model)
         fixed_gallery, broken_gallery = self._flip_outputs(report.predictions_before, report.predictions_after,
                                                            report.fixed_rows, report.broken_rows)
-        _, info, topk, _ = self._selection_outputs(ws)
+        if shown is not None and shown.applied is not None:
+            info = topk = views = gr.update()
+        else:
+            _, info, topk, _ = self._selection_outputs(ws)
+            views = render.views_html(report, self.view_names)
         plot = render.accuracy_plot(session.accuracy_curve(), ws.model, int(session.scored_rows().sum()))
-        return (report.to_dict(), render.status_markdown(report), topk, info, plot,
-                render.views_html(report, self.view_names), fixed_gallery, broken_gallery,
-                render.history_rows(session.summaries()), *self._browse_outputs(ws))
+        return (report.to_dict(), render.status_markdown(report), topk, info, plot, views, fixed_gallery,
+                broken_gallery, render.history_rows(session.summaries()), *self._browse_outputs(ws))
+
+    def _outcome_outputs(self, ws, outcome: EditOutcome, score: HeldOutScore | None):
+        """The effect panel while the held-out images are scored: the edit's outcome, with `score` the figures
+        so far. The report, plot, flip sets, history and browse page wait for the whole held-out set."""
+        status = render.outcome_markdown(outcome, score, len(self.lab.sources[SOURCE_TEST]))
+        if score is not None:
+            return (gr.update(), status, *[gr.update()] * 9)
+        ref = outcome.refs[0]
+        info = render.selection_info(self.lab.short_source_label(ref.source), ref.index, ws.image(ref)[1], outcome.topk)
+        return (gr.update(), status, dict(outcome.topk), info, gr.update(), render.views_html(outcome, self.view_names),
+                *[gr.update()] * 5)
 
     def _settings(self, editor, lr, max_steps, layers, max_drop) -> EditSettings:
         return EditSettings(editor=editor, lr=lr, max_steps=max_steps, layers=layers or "",
@@ -202,6 +233,46 @@ class Handlers:
         settings = self._settings(editor, lr, max_steps, layers, max_drop)
         report = ws.apply(model, self.classes.index(target), settings, lambda fraction, stage: progress(fraction, desc=stage))
         return self._report_outputs(ws, report)
+
+    @user_errors
+    def apply_edit_progressively(self, target: str, model: str, editor: str, lr: float, max_steps: float, layers: str,
+                                 max_drop: float, request: gr.Request, progress=gr.Progress()):
+        """The page's Apply (API /apply_edit_progressive): /apply_edit's outputs in steps. First the edit's
+        outcome (verdict or 'checking', steps, the image's new top-k, the augmented views), then, on a held-out
+        set larger than its first part, that part's figures, then everything /apply_edit returns."""
+        ws = self.workspace(request)
+        if target not in self.classes:
+            raise SettingsError(f"target must be one of {', '.join(self.classes)}, got {target!r}")
+        settings = self._settings(editor, lr, max_steps, layers, max_drop)
+        news, outcome_sent = queue.SimpleQueue(), threading.Event()
+
+        def hand_over(outcome: EditOutcome):
+            # The scoring waits until Gradio has sent the outcome (it resumes the generator only then): on a busy
+            # CPU the two would share the cores and the outcome would reach the page later.
+            news.put(outcome)
+            outcome_sent.wait(OUTCOME_WAIT_S)
+
+        def run():
+            try:
+                news.put(ws.apply(model, self.classes.index(target), settings,
+                                  lambda fraction, stage: progress(fraction, desc=stage), hand_over, news.put))
+            except Exception as exc:  # noqa: BLE001 - raised again below, in the event's own thread
+                news.put(exc)
+
+        # The edit runs start to end in a thread of its own: Gradio may resume a generator on another thread
+        # after each yield, and the workspace's lock and the model replica it holds belong to one thread.
+        threading.Thread(target=contextvars.copy_context().run, args=(run,), daemon=True).start()
+        outcome = None
+        try:
+            while not isinstance(item := news.get(), (EditReport, Exception)):
+                outcome = item if isinstance(item, EditOutcome) else outcome  # the outcome comes before any score
+                yield self._outcome_outputs(ws, outcome, item if isinstance(item, HeldOutScore) else None)
+                outcome_sent.set()
+        finally:
+            outcome_sent.set()  # a client gone (the generator closed) must not hold the edit
+        if isinstance(item, Exception):
+            raise item
+        yield self._report_outputs(ws, item, outcome)
 
     @user_errors
     def undo(self, request: gr.Request):
@@ -477,7 +548,11 @@ def build_demo(lab: Lab) -> gr.Blocks:
                       api_name="upload")
         model.input(handlers.set_model, model, [editor, lr, max_steps, layers, *effect_outputs], api_visibility="private")
         editor.input(handlers.editor_changed, [model, editor], [lr, max_steps, layers], api_visibility="private")
-        apply.click(handlers.apply_edit, [target, model, *settings_inputs], effect_outputs, api_name="apply_edit")
+        apply.click(handlers.apply_edit_progressively, [target, model, *settings_inputs], effect_outputs,
+                    api_name="apply_edit_progressive")
+        # /apply_edit stays one call that returns the complete report; the page's button streams (above).
+        apply_api = gr.Button(visible=False)
+        apply_api.click(handlers.apply_edit, [target, model, *settings_inputs], effect_outputs, api_name="apply_edit")
         undo.click(handlers.undo, None, effect_outputs, api_name="undo")
         reset.click(handlers.reset, None, effect_outputs, api_name="reset")
         history_button.click(handlers.history, None, history_json, api_name="history")

@@ -1,5 +1,6 @@
-"""Apply-edit round trip of the app through gradio_client: edit + held-out re-evaluation + plot + flip set
-+ augmented views, p50 over N edits, on the embedded sample and (with --data-root or $EDITLAB_DATA) on
+"""Apply-edit round trip of the app through gradio_client, as the page's Apply button makes it: the time to the edit's
+outcome (its first update) and to the complete report (edit + held-out re-evaluation + plot + flip set + augmented
+views), p50 over N edits, on the embedded sample and (with --data-root or $EDITLAB_DATA) on
 the full 10,000 CIFAR-10 test images.
 
     .venv/bin/python bench/app_roundtrip.py [--edits 15] [--checkpoint PATH ...] [--data-root DIR] [--no-write]
@@ -7,9 +8,9 @@ the full 10,000 CIFAR-10 test images.
 Each configuration starts `python app.py` in a subprocess on a free port and opens one gradio_client
 session (download_files=False: a client fetches thumbnails only when it shows them). It walks the test
 images with /select_image, and for each one the model gets wrong it applies the page's default edit (the
-true label, the editable model, every setting left to the page: the local editor) through /apply_edit and times that
-call; /undo (not timed) then restores the unedited model, so every edit starts from the same weights.
-The first edit is a warm-up and is not counted. Prints every figure and writes the "app" section of
+true label, the editable model, every setting left to the page: the local editor) through
+/apply_edit_progressive (the page's Apply: its updates stream) and times its first update and its end; /undo (not
+timed) then restores the unedited model, so every edit starts from the same weights. The first edit is a warm-up and is not counted. Prints every figure and writes the "app" section of
 docs/PERFORMANCE.md (other sections are left alone).
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ import httpx
 from report import REPORT, write_section  # bench/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parent.parent
-TARGET_10K_S = 1.5
+TARGETS = {"first_p50": (0.4, 0.5), "p50": (0.6, None)}  # issue 24, seconds: (embedded sample, 10,000 images)
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -81,7 +82,7 @@ def measure(url: str, n_edits: int, pid: int) -> dict:
     from gradio_client import Client
 
     client = Client(url, verbose=False, download_files=False)
-    times, cpu, edit_s, eval_s, selects, reports = [], [], [], [], [], []
+    times, firsts, cpu, edit_s, eval_s, selects, reports = [], [], [], [], [], [], []
     index = 0
     while len(times) < n_edits + 1:
         started = time.perf_counter()
@@ -91,17 +92,21 @@ def measure(url: str, n_edits: int, pid: int) -> dict:
         if "misclassified" not in info:
             continue
         started, cpu_started = time.perf_counter(), cpu_seconds(pid)
-        report = client.predict(target, "editable", None, None, None, None, 0, api_name="/apply_edit")[0]
+        job = client.submit(target, "editable", None, None, None, None, 0, api_name="/apply_edit_progressive")
+        for _ in job:  # the first update is the edit's outcome, the last the complete report
+            if len(firsts) < len(times) + 1:
+                firsts.append(time.perf_counter() - started)
+        report = job.result()[0]
         times.append(time.perf_counter() - started)
         cpu.append(cpu_seconds(pid) - cpu_started if cpu_started is not None else float("nan"))
         edit_s.append(report["seconds"])
         eval_s.append(report["evaluation_seconds"])
         reports.append(report)
         client.predict(api_name="/undo")
-    times, cpu, edit_s, eval_s = times[1:], cpu[1:], edit_s[1:], eval_s[1:]  # the first edit warms up
+    times, firsts, cpu, edit_s, eval_s = times[1:], firsts[1:], cpu[1:], edit_s[1:], eval_s[1:]  # the first warms up
     ordered = sorted(times)
     return {
-        "n": len(times), "n_heldout": reports[0]["n_heldout"],
+        "n": len(times), "n_heldout": reports[0]["n_heldout"], "first_p50": statistics.median(firsts),
         "p50": statistics.median(times), "p90": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))],
         "max": ordered[-1], "cpu_p50": statistics.median(cpu), "edit_p50": statistics.median(edit_s), "eval_p50": statistics.median(eval_s),
         "select_p50": statistics.median(selects),
@@ -156,7 +161,7 @@ def main() -> int:
                 process.wait(timeout=30)
         rows.append((label, result))
         print(f"{label}: {result['n_heldout']:,} held-out images, {result['n']} edits ({result['succeeded']} reached "
-              f"the target): round trip p50 {result['p50']:.3f} s, p90 {result['p90']:.3f} s, max {result['max']:.3f} s, "
+              f"the target): first outcome p50 {result['first_p50']:.3f} s, round trip p50 {result['p50']:.3f} s, p90 {result['p90']:.3f} s, max {result['max']:.3f} s, "
               f"server CPU time p50 {result['cpu_p50']:.3f} s; "
               f"edit p50 {result['edit_p50'] * 1000:.0f} ms, re-evaluation p50 {result['eval_p50'] * 1000:.0f} ms; "
               f"/select_image p50 {result['select_p50'] * 1000:.0f} ms")
@@ -171,9 +176,10 @@ def main() -> int:
     lines = [
         "## app",
         "",
-        "Apply-edit round trip through gradio_client against `python app.py` in a subprocess: one /apply_edit",
-        "call = edit + re-evaluation of the held-out set + accuracy plot + flip-set galleries + augmented views",
-        "+ the refreshed browse page. The page's default edit (true label, editable model, the local editor",
+        "Apply-edit round trip through gradio_client against `python app.py` in a subprocess: one",
+        "/apply_edit_progressive call (the page's Apply) = edit + augmented views, streamed as its first update",
+        "(\"first outcome\"), then re-evaluation of the held-out set + accuracy plot + flip-set galleries + the refreshed",
+        "browse page (its end, \"round trip\"; /apply_edit returns the same in one answer). The page's default edit (true label, editable model, the local editor",
         "with its defaults) on misclassified test images, each from the unedited model (/undo between edits), first one",
         "not counted.",
         "",
@@ -186,14 +192,15 @@ def main() -> int:
         "the work itself, whatever else runs; on an idle machine the wall time lies between it divided by",
         "the number of cores and it.",
         "",
-        "| held-out set | images | edits | round trip p50 | p90 | max | server CPU time p50 | edit p50 "
-        "| re-evaluation p50 | target (p50) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| held-out set | images | edits | first outcome p50 | round trip p50 | p90 | max | server CPU time p50 "
+        "| edit p50 | re-evaluation p50 | targets (p50) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for label, r in rows:
-        target = f"<= {TARGET_10K_S} s: **{'met' if r['p50'] <= TARGET_10K_S else 'not met'}**" \
-            if r["n_heldout"] >= 10_000 else "well under the 10k figure"
-        lines.append(f"| {label} | {r['n_heldout']:,} | {r['n']} | {r['p50']:.3f} s | {r['p90']:.3f} s | {r['max']:.3f} s "
+        limits = {key: pair[r["n_heldout"] > 1_000] for key, pair in TARGETS.items()}  # n_heldout: all but the edited
+        target = "; ".join(f"{'first outcome' if key == 'first_p50' else 'round trip'} <= {limit} s: "
+                           f"**{'met' if r[key] <= limit else 'not met'}**" for key, limit in limits.items() if limit)
+        lines.append(f"| {label} | {r['n_heldout']:,} | {r['n']} | {r['first_p50']:.3f} s | {r['p50']:.3f} s | {r['p90']:.3f} s | {r['max']:.3f} s "
                      f"| {r['cpu_p50']:.3f} s | {r['edit_p50'] * 1000:.0f} ms | {r['eval_p50'] * 1000:.0f} ms | {target} |")
     import torch
 

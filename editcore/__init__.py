@@ -13,8 +13,8 @@ from .heldout import HeldOutEvaluator, full_logits
 from .metrics import EditRecord, draw_edits, evaluate_edits, summarize
 from .models import DEFAULT_ARCH, MODELS, create_model, default_editable_prefix, editable_names, weight_layer_names
 from .training import TrainConfig, accuracy, train
-from .session import (DEFAULT_EDITOR, Corrections, EditEntry, EditReport, EditSession, EditSettings, ImageRef, SettingsError, SharedModel,
-                      image_digest, read_log, replay_summary, view_names)
+from .session import (DEFAULT_EDITOR, Corrections, EditEntry, EditOutcome, EditReport, EditSession, EditSettings,
+                      HeldOutScore, ImageRef, SettingsError, SharedModel, image_digest, read_log, replay_summary, view_names)
 from .compare import MethodOutcome, compare_fixes
 from .measure import (DEFAULT_EDITORS, MAX_EDITS, MEASURE_PROTOCOLS, MIN_EDITS, PROTOCOL_LABELS, MeasureCancelled,
                       MeasureRow, MeasureSettings, ProtocolRuns, ResultCache, cached_rows, edits_csv, measure,

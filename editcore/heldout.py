@@ -95,19 +95,22 @@ class HeldOutEvaluator:
         return "bfloat16, float32 for low-margin rows" if self.mixed_precision else "float32"
 
     @torch.no_grad()
-    def logits(self, params: Params | None = None) -> torch.Tensor:
-        """Logits (N, classes) from the cached features (float32 dtype). With `mixed_precision`, computed
-        in bfloat16 except the rows `unsure_rows` picks, recomputed in float32: argmax is float32's."""
-        suffix = lambda features: self.editable.logits_from_features(features, params or None).float()  # noqa: E731
-        batches = lambda rows: range(0, len(rows), self.batch_size)  # noqa: E731
+    def logits(self, params: Params | None = None, rows: slice = slice(None)) -> torch.Tensor:
+        """Logits (rows, classes) from the cached features (float32 dtype), of all rows or of the range `rows`.
+        With `mixed_precision`, computed in bfloat16 except the rows `unsure_rows` picks, recomputed in float32:
+        argmax is float32's. A range that starts at a multiple of `batch_size` runs the very batches a call for
+        all rows runs, so in float32 ranges put together give the same logits bit for bit."""
+        features = self.features[rows]
+        suffix = lambda inputs: self.editable.logits_from_features(inputs, params or None).float()  # noqa: E731
+        batches = lambda items: range(0, len(items), self.batch_size)  # noqa: E731
         with eval_mode(self.editable.model):
-            with torch.autocast(self.features.device.type, dtype=torch.bfloat16, enabled=self.mixed_precision):
-                logits = torch.cat([suffix(self.features[i : i + self.batch_size]) for i in batches(self.features)])
+            with torch.autocast(features.device.type, dtype=torch.bfloat16, enabled=self.mixed_precision):
+                logits = torch.cat([suffix(features[i : i + self.batch_size]) for i in batches(features)])
             if self.mixed_precision:
                 unsure = unsure_rows(logits)
                 for i in batches(unsure):
-                    rows = unsure[i : i + self.batch_size]
-                    logits[rows] = suffix(self.features[rows])
+                    chosen = unsure[i : i + self.batch_size]
+                    logits[chosen] = suffix(features[chosen])
                 self.recomputed = len(unsure)
         return logits
 

@@ -49,6 +49,9 @@ MAX_LOG_BYTES = 20_000_000
 ROW_BYTES = 36  # a held-out row in a flip list: an 8-byte pointer and a 28-byte int
 BASE64_BYTES_PER_PIXEL = 4  # an edited image's pixels in base64: 4 characters per 3 bytes (one RGB pixel)
 PREDICTION_BYTES = 8  # a held-out row's predicted class (int64), kept per state
+# An edit scores these held-out rows first and reports them on their own: CIFAR-10 test images 0-999 are the
+# pixel-exact ones (the embedded sample), so a page on the 10,000 images has their figures in a tenth of the time.
+FIRST_SCORED_ROWS = EVAL_BATCH
 
 
 class SettingsError(ValueError):
@@ -268,15 +271,22 @@ class SharedModel:
             replica.evaluators[split] = self.evaluator(layers).on(self.editable(layers, replica))
         return replica.evaluators[split]
 
-    def heldout_logits(self, layers: str, params: Params | None) -> torch.Tensor:
-        """Logits (N, classes) on the held-out set from the cached features; with `mixed_precision`,
-        bfloat16 except for the rows whose prediction float32 has to settle (HeldOutEvaluator.logits)."""
+    def heldout_logits(self, layers: str, params: Params | None, rows: slice = slice(None)) -> torch.Tensor:
+        """Logits (N, classes) on the held-out set (or its `rows`) from the cached features; with
+        `mixed_precision`, bfloat16 except for the rows whose prediction float32 has to settle
+        (HeldOutEvaluator.logits)."""
         with self.replica() as replica:
-            return self._evaluator_on(replica, layers).logits(params)
+            return self._evaluator_on(replica, layers).logits(params, rows)
 
-    def heldout_probabilities(self, layers: str, params: Params | None) -> torch.Tensor:
-        """Class probabilities (N, classes) on the held-out set (CPU); argmax = float32's prediction."""
-        return torch.softmax(self.heldout_logits(layers, params), 1).cpu()
+    def heldout_probabilities(self, layers: str, params: Params | None, rows: slice = slice(None)) -> torch.Tensor:
+        """Class probabilities (N, classes) on the held-out set or its `rows` (CPU); argmax = float32's prediction."""
+        return torch.softmax(self.heldout_logits(layers, params, rows), 1).cpu()
+
+    def heldout_parts(self) -> list[slice]:
+        """The held-out rows in the order an edit scores them: the first FIRST_SCORED_ROWS, then the rest
+        (both whole batches of the evaluator, so the parts give the logits of one pass over all rows)."""
+        first = min(FIRST_SCORED_ROWS, len(self.heldout))
+        return [slice(0, first)] + ([slice(first, len(self.heldout))] if first < len(self.heldout) else [])
 
     @torch.no_grad()
     def probabilities(self, images: torch.Tensor, params: Params | None = None) -> torch.Tensor:
@@ -412,6 +422,57 @@ class Corrections:
 
 
 @dataclass
+class EditOutcome:
+    """What an edit did to its own image(s), known before any held-out image is scored (`EditSession.apply`
+    hands it to `on_outcome` first). `applied` is the verdict once nothing left can change it: a failed edit, or
+    one that would undo an earlier correction, is rolled back; with no guardrail a successful one is kept. It is
+    None while the guardrail waits for the held-out scoring; `message` says which."""
+
+    success: bool
+    applied: bool | None
+    message: str
+    steps: int
+    seconds: float
+    n_corrections: int
+    corrections_held: int
+    model: str
+    settings: EditSettings
+    refs: list[ImageRef]
+    targets: list[int]
+    topk: list[tuple[str, float]]  # the first image's classes, best first: by the edited model unless rolled back
+    views_before: list[int]
+    views_after: list[int]
+    views: torch.Tensor = field(repr=False)
+    classes: tuple[str, ...] = CIFAR10.classes  # the model's class names
+
+
+@dataclass(frozen=True)
+class HeldOutScore:
+    """A candidate edit's held-out figures on the first `n_rows` rows of the held-out set, exact for those rows
+    (`EditSession.apply` hands one to `on_scored` after each part of the held-out set but the last)."""
+
+    n_rows: int  # held-out rows scored so far: the first ones
+    n_total: int  # rows in the held-out set
+    n_heldout: int  # of the rows scored so far, those the figures count (the session has not edited them)
+    heldout_accuracy_before: float
+    heldout_accuracy_after: float
+    n_fixed: int
+    n_broken: int
+
+
+def _accuracy(predictions: torch.Tensor, labels: torch.Tensor, scored: torch.Tensor) -> float:
+    return int(((predictions == labels) & scored).sum()) / max(1, int(scored.sum()))
+
+
+def _flips(before: torch.Tensor, after: torch.Tensor, labels: torch.Tensor,
+           scored: torch.Tensor) -> tuple[list[int], list[int], int]:
+    """(rows fixed, rows broken, how many changed their prediction) among the scored rows."""
+    changed = (before != after) & scored
+    return (torch.nonzero(changed & (after == labels)).view(-1).tolist(),
+            torch.nonzero(changed & (before == labels)).view(-1).tolist(), int(changed.sum()))
+
+
+@dataclass
 class _State:
     params: Params  # replacement tensors for the editable parameters ({} = the base model)
     heldout_probs: torch.Tensor  # (N, classes) on the held-out set, CPU
@@ -464,9 +525,7 @@ class EditSession:
     def heldout_accuracy(self, predictions: torch.Tensor | None = None, scored: torch.Tensor | None = None) -> float:
         """Accuracy of `predictions` (default: the current model's) on the scored rows (default: `scored_rows()`)."""
         predictions = self._top.predictions if predictions is None else predictions
-        scored = self.scored_rows() if scored is None else scored
-        right = (predictions == self.shared.heldout.labels.cpu()) & scored
-        return int(right.sum()) / max(1, int(scored.sum()))
+        return _accuracy(predictions, self.shared.heldout.labels.cpu(), self.scored_rows() if scored is None else scored)
 
     def accuracy_curve(self) -> list[float]:
         """Held-out accuracy of the base model, then after each applied edit, all on today's scored rows."""
@@ -525,18 +584,23 @@ class EditSession:
             self._source_cache[cache_key] = self.probabilities(images)
         return self._source_cache[cache_key]
 
-    def topk(self, image: torch.Tensor, k: int | None = None) -> list[tuple[str, float]]:
-        """The current model's k (default: all) most likely classes for one uint8 image (3,H,W), best first."""
+    def topk(self, image: torch.Tensor, k: int | None = None, params: Params | None = None) -> list[tuple[str, float]]:
+        """The k (default: all) most likely classes for one uint8 image (3,H,W), best first, by the current model
+        (or by the base model with `params`)."""
         names = self.shared.domain.classes
-        probs = self.probabilities(image.view(1, *image.shape[-3:]))[0]
+        probs = self.shared.probabilities(image.view(1, *image.shape[-3:]), self.params if params is None else params)[0]
         values, classes = probs.topk(min(k or len(names), len(names)))
         return [(names[c], float(v)) for v, c in zip(values.tolist(), classes.tolist())]
 
     def apply(self, images: torch.Tensor, targets: list[int], settings: EditSettings, refs: list[ImageRef],
-              progress: Callable[[float, str], None] = lambda fraction, stage: None) -> EditReport:
-        """Edit so every image gets its target; keep the result only if it succeeds and passes the
-        guardrail. Bad settings raise SettingsError before anything changes. `progress(fraction,
-        stage)` is told when each stage starts."""
+              progress: Callable[[float, str], None] = lambda fraction, stage: None,
+              on_outcome: Callable[[EditOutcome], None] = lambda outcome: None,
+              on_scored: Callable[[HeldOutScore], None] = lambda score: None) -> EditReport:
+        """Edit so every image gets its target; keep the result only if it succeeds, keeps the session's
+        earlier corrections and passes the guardrail. Bad settings raise SettingsError before anything
+        changes. `progress(fraction, stage)` is told when each stage starts; `on_outcome` gets the edit's
+        outcome before any held-out image is scored, `on_scored` the figures of each part of the held-out
+        set but the last (`SharedModel.heldout_parts`); the report has them all."""
         settings = settings.resolved(self.shared)
         images = images.view(-1, *images.shape[-3:])
         if images.dtype != torch.uint8 or len(images) == 0 or len(images) != len(targets) or len(refs) != len(targets):
@@ -560,58 +624,80 @@ class EditSession:
             start_params = self.params or editable.frozen_base_params()
             result = edit(editable, shared.domain.normalize(images.to(device)), target_tensor, editor, settings.max_steps,
                           params=start_params, keep=earlier and (earlier.features, earlier.targets))
-            progress(0.4, f"re-evaluating {len(shared.heldout):,} held-out images")
-            started = time.perf_counter()
-            probs_after = shared.heldout_probabilities(settings.layers, result.params)
-            evaluation_seconds = time.perf_counter() - started
-            progress(0.9, "checking augmented views and earlier corrections")
+            progress(0.2, "checking augmented views and earlier corrections")
             with torch.no_grad(), eval_mode(replica.model):
                 view_features = editable.features(shared.domain.normalize(views.to(device)))  # an edit leaves these unchanged
                 views_before = editable.logits_from_features(view_features, self.params or None).argmax(1).tolist()
                 views_after = editable.logits_from_features(view_features, result.params).argmax(1).tolist()
                 slipped = earlier.slipped(editable, result.params) if earlier else []
-        scored = self.scored_rows(digests)
-        labels = shared.heldout.labels.cpu()
-        before, after = self._top.predictions, probs_after.argmax(1)
-        changed = (before != after) & scored
-        fixed = torch.nonzero(changed & (after == labels)).view(-1).tolist()
-        broken = torch.nonzero(changed & (before == labels)).view(-1).tolist()
-        acc_before, acc_after = self.heldout_accuracy(before, scored), self.heldout_accuracy(after, scored)
-        drop = 100 * (acc_before - acc_after)
-        n_earlier = len(earlier.names) if earlier else 0
-        corrections_held = n_earlier - len(slipped) + int((result.final_logits.argmax(1).cpu() ==
-                                                           target_tensor.cpu()).sum())
-        if not _all_finite(result):
-            applied, message = False, ("The edit's loss became NaN or infinite (the learning rate is probably too "
-                                       "large); rolled back.")
-        elif not result.success:
-            applied, message = False, (f"The edit did not reach the target within {settings.max_steps} steps; "
-                                       "rolled back (try more steps or a larger learning rate).")
-        elif slipped:
-            applied, message = False, (
-                f"The edit would undo {len(slipped)} of this session's {n_earlier} earlier correction(s) "
-                f"({', '.join(slipped[:5])}{', ...' if len(slipped) > 5 else ''}); rolled back. Earlier corrections "
-                "are kept: undo one of them to go on, or use the local editor, which edits with them as constraints.")
-        elif settings.max_drop is not None and drop > settings.max_drop:
-            applied, message = False, (f"Guardrail: held-out accuracy would drop by {drop:.2f} points "
-                                       f"(limit {settings.max_drop:g}); rolled back.")
-        else:
-            applied, message = True, f"Edit {len(self.history) + 1} applied in {result.steps} step(s)."
-        replaced = self._earlier_targets(digests)
-        if replaced:
-            message += (" This session edited " + "; ".join(replaced) + " before: the latest target replaces the "
-                        "earlier one, and only it is kept.")
+            n_earlier = len(earlier.names) if earlier else 0
+            corrections_held = n_earlier - len(slipped) + int((result.final_logits.argmax(1).cpu() ==
+                                                               target_tensor.cpu()).sum())
+            replaced = self._earlier_targets(digests)
+            note = (" This session edited " + "; ".join(replaced) + " before: the latest target replaces the earlier "
+                    "one, and only it is kept.") if replaced else ""
+            applied, message = self._verdict(result, settings, slipped, n_earlier, drop=None)
+            on_outcome(EditOutcome(result.success, applied, message + note, result.steps, result.seconds,
+                                   n_earlier + len(targets), corrections_held, shared.name, settings, list(refs),
+                                   list(targets), self.topk(images[0], params=self.params if applied is False
+                                                            else result.params),
+                                   views_before, views_after, views, shared.domain.classes))
+            scored = self.scored_rows(digests)
+            labels = shared.heldout.labels.cpu()
+            before, parts, evaluation_seconds = self._top.predictions, [], 0.0
+            for part in shared.heldout_parts():
+                progress(0.3 + 0.7 * part.start / len(labels), f"re-evaluating held-out images {part.start:,}-"
+                                                               f"{part.stop - 1:,} of {len(labels):,}")
+                started = time.perf_counter()
+                parts.append(shared.heldout_probabilities(settings.layers, result.params, part))
+                evaluation_seconds += time.perf_counter() - started
+                if part.stop < len(labels):
+                    covered = slice(0, part.stop)
+                    after = torch.cat(parts).argmax(1)
+                    fixed, broken, _ = _flips(before[covered], after, labels[covered], scored[covered])
+                    on_scored(HeldOutScore(part.stop, len(labels), int(scored[covered].sum()),
+                                           _accuracy(before[covered], labels[covered], scored[covered]),
+                                           _accuracy(after, labels[covered], scored[covered]), len(fixed), len(broken)))
+            progress(1.0, "checking the held-out figures")  # the last point where a client gone stops the edit
+        probs_after = torch.cat(parts)
+        after = probs_after.argmax(1)
+        fixed, broken, changed = _flips(before, after, labels, scored)
+        acc_before, acc_after = _accuracy(before, labels, scored), _accuracy(after, labels, scored)
+        if applied is None:  # the guardrail's verdict, on every scored row
+            applied, message = self._verdict(result, settings, slipped, n_earlier, drop=100 * (acc_before - acc_after))
         if applied:
             self.layers = settings.layers
             self._stack.append(_State(result.params, probs_after, next(self._versions)))
             self.history.append(EditEntry(len(self.history) + 1, list(refs), list(targets),
                                           [encode_pixels(image) for image in images], digests, settings,
                                           result.success, result.steps, result.seconds, fixed, broken))
-        return EditReport(result.success, applied, message, result.steps, result.seconds, evaluation_seconds,
-                          self.heldout_accuracy(self._base.predictions, scored), acc_before, acc_after, int(scored.sum()),
-                          len(fixed), len(broken), int(changed.sum()), n_earlier + len(targets), corrections_held,
+        return EditReport(result.success, applied, message + note, result.steps, result.seconds, evaluation_seconds,
+                          _accuracy(self._base.predictions, labels, scored), acc_before, acc_after, int(scored.sum()),
+                          len(fixed), len(broken), changed, n_earlier + len(targets), corrections_held,
                           shared.name, settings, list(refs), list(targets), views_before, views_after, views, before,
                           after, fixed, broken, shared.domain.classes)
+
+    def _verdict(self, result, settings: EditSettings, slipped: list[str], n_earlier: int,
+                 drop: float | None) -> tuple[bool | None, str]:
+        """(kept?, why) for a candidate edit; kept is None while the guardrail waits for the held-out accuracy
+        `drop` (points) that only the scoring gives."""
+        if not _all_finite(result):
+            return False, "The edit's loss became NaN or infinite (the learning rate is probably too large); rolled back."
+        if not result.success:
+            return False, (f"The edit did not reach the target within {settings.max_steps} steps; rolled back (try "
+                           "more steps or a larger learning rate).")
+        if slipped:
+            return False, (
+                f"The edit would undo {len(slipped)} of this session's {n_earlier} earlier correction(s) "
+                f"({', '.join(slipped[:5])}{', ...' if len(slipped) > 5 else ''}); rolled back. Earlier corrections "
+                "are kept: undo one of them to go on, or use the local editor, which edits with them as constraints.")
+        if settings.max_drop is not None and drop is None:
+            return None, (f"the edit reached its target; the guardrail (at most {settings.max_drop:g} points of "
+                          "held-out accuracy) decides once the held-out images are scored.")
+        if settings.max_drop is not None and drop > settings.max_drop:
+            return False, (f"Guardrail: held-out accuracy would drop by {drop:.2f} points "
+                           f"(limit {settings.max_drop:g}); rolled back.")
+        return True, f"Edit {len(self.history) + 1} applied in {result.steps} step(s)."
 
     def _latest_corrections(self) -> dict[str, tuple[str, str, int]]:
         """Each image this session edited, by digest: (its name, pixels, latest target). An image edited

@@ -298,14 +298,16 @@ class Workspace:
         layers = settings.resolved(session.shared).layers  # bad settings are refused before anything else
         return self.registry.edit_room(self, session.edit_bytes(layers, n_images))
 
-    def apply(self, model: str, target: int, settings: EditSettings, progress=lambda fraction, stage: None) -> EditReport:
+    def apply(self, model: str, target: int, settings: EditSettings, progress=lambda fraction, stage: None,
+              on_outcome=lambda outcome: None, on_scored=lambda score: None) -> EditReport:
         """Edit the selected image to `target` in this user's session of `model`, which is then the model on
-        screen. A refused edit (SettingsError) changes nothing, not even the model on screen."""
+        screen. A refused edit (SettingsError) changes nothing, not even the model on screen. `on_outcome` and
+        `on_scored` hear of the edit's outcome and its held-out figures as they come (`EditSession.apply`)."""
         with self.lock:
             ref, image, _ = self.selected()
             session = self.session(model)
             with self._room_for(session, settings, 1):
-                report = session.apply(image[None], [target], settings, [ref], progress)
+                report = session.apply(image[None], [target], settings, [ref], progress, on_outcome, on_scored)
             self.model = model
             return report
 

@@ -32,7 +32,20 @@ def topk_of(label_output):
 
 def test_named_endpoints_exist(served):
     names = client(served).view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert {"/select_image", "/apply_edit", "/undo", "/reset", "/history"} <= set(names)
+    assert {"/select_image", "/apply_edit", "/apply_edit_progressive", "/undo", "/reset", "/history"} <= set(names)
+
+
+def test_the_progressive_apply_streams_the_outcome_then_ends_on_the_full_report(served):
+    c = client(served)
+    _, _, label, target = c.predict("test", 8, api_name="/select_image")
+    job = c.submit(target, "editable", None, None, None, None, 0, api_name="/apply_edit_progressive")
+    final = job.result(timeout=300)
+    steps = job.outputs()
+    assert len(steps) == 2 and "scoring the 1,000 held-out images" in steps[0][1]
+    assert final[0]["applied"] and final[0]["n_heldout"] == 999 and steps[-1][0] == final[0]
+    c.predict(api_name="/undo")
+    assert c.predict(target, "editable", None, None, None, None, 0, api_name="/apply_edit")[0]["n_heldout"] == 999
+    c.predict(api_name="/reset")
 
 
 def test_select_edit_report_and_undo_restores_top_k_exactly(served):

@@ -58,6 +58,38 @@ def test_page_load_select_apply_undo(handlers):
     assert handlers.history(r) == []
 
 
+def test_the_pages_apply_shows_the_outcome_first_then_the_whole_report(handlers):
+    r = request("progressive")
+    handlers.on_load(r)
+    ws = handlers.workspace(r)
+    true_label = CLASSES[int(handlers.lab.sources["test"].labels[ws.selection.index])]
+    first, last = list(handlers.apply_edit_progressively(true_label, "editable", None, None, None, None, 0, r))
+    report, status, topk, info, plot, views, fixed, broken, history, gallery, page = first
+    assert report == plot == fixed == broken == history == gallery == page == gr.update()  # they wait for the scoring
+    assert "Applied:" in status and "scoring the 1,000 held-out images" in status
+    assert max(topk, key=topk.get) == true_label and views.count("<figure>") == 16
+    assert last[0]["applied"] and last[0]["n_heldout"] == 999 and "of 999 changed their prediction" in last[1]
+    assert last[2] == last[3] == last[5] == gr.update()  # the outcome's top-k, description and views stand
+    assert handlers._selection_outputs(ws)[1:3] == (info, topk)  # as the edited model, kept, gives them
+    assert len(handlers.history(r)) == 1
+    with pytest.raises(gr.Error, match="learning rate"):
+        list(handlers.apply_edit_progressively(true_label, "editable", "rmsprop", -1, 10, "layer3", 0, r))
+    assert len(handlers.history(r)) == 1
+
+
+def test_a_page_gone_after_the_outcome_leaves_the_edit_whole(handlers):
+    r = request("gone")
+    handlers.on_load(r)
+    ws = handlers.workspace(r)
+    true_label = CLASSES[int(handlers.lab.sources["test"].labels[ws.selection.index])]
+    steps = handlers.apply_edit_progressively(true_label, "editable", None, None, None, None, 0, r)
+    assert "Applied:" in next(steps)[1]
+    steps.close()  # as Gradio does when the client goes: the scoring is not held back for it
+    with ws.lock:  # the edit holds it until its end
+        session = ws.session("editable")
+        assert len(session.history) == 1 and session.heldout_accuracy() == session.accuracy_curve()[-1]
+
+
 def test_errors_become_page_messages(handlers, tmp_path):
     r = request("h2")
     handlers.on_load(r)

@@ -142,6 +142,18 @@ def test_mixed_precision_settles_near_ties_as_float32_does():
     assert mixed.precision != exact.precision == "float32" and exact.recomputed == 0
 
 
+def test_held_out_rows_scored_in_parts_give_the_logits_of_one_pass():
+    model = make_tiny()
+    editable = EditableModel(model, "body")
+    images = torch.randint(0, 256, (700, 3, 8, 8), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+    evaluator = HeldOutEvaluator(editable, images, torch.zeros(700, dtype=torch.long), batch_size=200,
+                                 mixed_precision=False)
+    params = {name: value + 0.1 for name, value in editable.frozen_base_params().items()}
+    whole = evaluator.logits(params)
+    parts = torch.cat([evaluator.logits(params, slice(0, 400)), evaluator.logits(params, slice(400, None))])
+    assert torch.equal(parts, whole) and not torch.equal(whole, evaluator.logits())
+
+
 def test_mixed_precision_predicts_float32s_classes_before_and_after_an_edit(resnet20, sample):
     editable = EditableModel(resnet20, "layer3")
     images, labels = sample.images[:400], sample.labels[:400]

@@ -103,6 +103,49 @@ def test_guardrail_rolls_back_an_edit_that_costs_too_much(ws):
     assert kept.applied and len(session.history) == 1
 
 
+def test_an_edit_tells_its_outcome_then_exact_held_out_figures_part_by_part(ws, lab, monkeypatch):
+    from editcore import session as session_module
+
+    monkeypatch.setattr(session_module, "FIRST_SCORED_ROWS", 400)  # the sample in two parts, as the 10,000 images are
+    item = first_misclassified(ws)
+    session = ws.session("baseline")
+    heard = []
+    report = ws.apply("baseline", item.label, EditSettings(editor="rmsprop", lr=1e-3, max_steps=20),
+                      on_outcome=heard.append, on_scored=heard.append)
+    outcome, score = heard
+    assert isinstance(outcome, session_module.EditOutcome) and isinstance(score, session_module.HeldOutScore)
+    assert outcome.applied is report.applied is True and outcome.message == report.message
+    assert (outcome.success, outcome.steps, outcome.views_after, outcome.corrections_held) == \
+        (report.success, report.steps, report.views_after, report.corrections_held)
+    assert outcome.topk == session.topk(item.image)  # the edited model's, as the page shows it once kept
+    # The first part's figures are exact for its rows: those of the full report's predictions on them.
+    labels, first = lab.sources[SOURCE_TEST].labels, slice(0, 400)
+    scored = torch.arange(len(labels)) != item.ref.index
+    right = lambda predictions: int(((predictions[first] == labels[first]) & scored[first]).sum())  # noqa: E731
+    assert (score.n_rows, score.n_total, score.n_heldout) == (400, 1000, int(scored[first].sum()))
+    assert score.heldout_accuracy_before == right(report.predictions_before) / score.n_heldout
+    assert score.heldout_accuracy_after == right(report.predictions_after) / score.n_heldout
+    assert score.n_fixed == sum(r < 400 for r in report.fixed_rows)
+    assert score.n_broken == sum(r < 400 for r in report.broken_rows)
+    # The parts put together are one pass over every row.
+    whole = lab.models["baseline"].heldout_probabilities(session.layers, session.params)
+    assert torch.equal(session.heldout_probs, whole)
+
+
+def test_with_a_guardrail_the_outcome_waits_for_the_held_out_verdict(ws):
+    item = first_misclassified(ws)
+    heard = []
+    report = ws.apply("baseline", item.label, EditSettings(editor="rmsprop", lr=0.05, max_steps=20, max_drop=0.5),
+                      on_outcome=heard.append)
+    assert heard[0].success and heard[0].applied is None and "guardrail" in heard[0].message
+    assert not report.applied and "Guardrail" in report.message
+    assert heard[0].topk[0][0] == CLASSES[item.label]  # the candidate's, shown while the guardrail checks it
+    failed = []
+    ws.apply("baseline", item.label, EditSettings(editor="gd", lr=1e-9, max_steps=2, max_drop=0.5), on_outcome=failed.append)
+    assert failed[0].applied is False and "did not reach" in failed[0].message  # nothing left to wait for
+    assert failed[0].topk == ws.session("baseline").topk(item.image)
+
+
 @pytest.mark.parametrize("settings, message", [
     (EditSettings(lr=-1), "learning rate"),
     (EditSettings(lr=0), "learning rate"),
@@ -285,9 +328,12 @@ def test_browse_filters_sort_and_pages(ws, lab):
 
 
 def _image_file(tmp_path, name, mode, size, fmt):
+    """Pixel i is (7i mod 256) in a one-band mode, else (k*i mod 256) in band k (1-based); built with numpy (a
+    list of 3.8 M tuples for the large JPEG took most of the upload test's time)."""
     image = Image.new(mode, size)
-    image.putdata([(i * 7) % 256 if mode in ("L", "P") else tuple((i * k) % 256 for k in range(1, len(mode) + 1))
-                   for i in range(size[0] * size[1])])
+    i = np.arange(size[0] * size[1], dtype=np.int64)[:, None]
+    bands = np.array([7]) if mode in ("L", "P") else np.arange(1, len(mode) + 1)
+    image.frombytes(((i * bands) % 256).astype(np.uint8).tobytes())
     path = tmp_path / name
     image.save(path, format=fmt)
     return path
@@ -454,19 +500,21 @@ def test_without_a_data_root_the_replay_set_is_the_shipped_training_sample(lab):
 
 
 def test_mixed_precision_held_out_predictions_equal_float32(lab):
-    """bfloat16 re-evaluation with float32 for low-margin rows predicts exactly what float32 does."""
+    """bfloat16 re-evaluation with float32 for low-margin rows predicts exactly what float32 does (the float32
+    cached evaluator here; tests/test_metrics.py checks that it predicts what the whole model does)."""
     from editcore import SharedModel, create_editor, edit
 
     reference = lab.models["baseline"]
     mixed = SharedModel("mixed", reference.path, lab.sources[SOURCE_TEST], mixed_precision=True)
     editable = reference.editable("layer3")
-    evaluator = reference.evaluator("layer3")
+    float32 = reference.evaluator("layer3").on(editable)
+    float32.mixed_precision = False  # the same cached features, scored in float32 whatever this CPU
     images = lab.sources[SOURCE_TEST].images
-    assert torch.equal(mixed.heldout_logits("layer3", None).argmax(1), evaluator.predict_full())
+    assert torch.equal(mixed.heldout_logits("layer3", None).argmax(1), float32.predict())
     for row, target, lr in ((0, 3, 1e-3), (1, 9, 1e-2), (2, 0, 3e-2)):
         params = edit(editable, normalize(images[row : row + 1]), torch.tensor([target]),
                       create_editor("rmsprop", lr=lr), max_steps=10).params
-        assert torch.equal(mixed.heldout_logits("layer3", params).argmax(1), evaluator.predict_full(params))
+        assert torch.equal(mixed.heldout_logits("layer3", params).argmax(1), float32.predict(params))
 
 
 def test_a_missing_checkpoint_is_a_note_and_an_nae_set_a_source(lab, tmp_path):
