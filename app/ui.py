@@ -153,7 +153,8 @@ class Handlers:
         if score is not None:
             return (gr.update(), status, *[gr.update()] * 9)
         ref = outcome.refs[0]
-        info = render.selection_info(self.lab.short_source_label(ref.source), ref.index, ws.image(ref)[1], outcome.topk)
+        info = render.selection_info(self.lab.short_source_label(ref.source), ref.index, ws.image(ref)[1], outcome.topk,
+                                     self.classes)
         return (gr.update(), status, dict(outcome.topk), info, gr.update(), render.views_html(outcome, self.view_names),
                 *[gr.update()] * 5)
 

@@ -54,19 +54,23 @@ def start_app(checkpoints: list[str], data_root: str | None, log_path: Path,
     if data_root:
         command += ["--data-root", data_root]
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 600
+    return process, wait_for_app(process, f"http://127.0.0.1:{port}/", log_path, 600)
+
+
+def wait_for_app(process: subprocess.Popen, url: str, log_path: Path, timeout_s: float) -> str:
+    """`url` once the app started as `process` answers it; the app's log in the error if it exits or never answers."""
+    deadline = time.time() + timeout_s
     while time.time() < deadline:
         if process.poll() is not None:
             raise SystemExit(f"app.py exited with {process.returncode}:\n{log_path.read_text()}")
         try:
             if httpx.get(url, timeout=2).status_code == 200:
-                return process, url
+                return url
         except httpx.HTTPError:
             pass
         time.sleep(1)
     process.kill()
-    raise SystemExit(f"app.py did not answer within 10 minutes:\n{log_path.read_text()}")
+    raise SystemExit(f"app.py did not answer within {timeout_s / 60:.0f} minutes:\n{log_path.read_text()}")
 
 
 def cpu_seconds(pid: int) -> float | None:

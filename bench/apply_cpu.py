@@ -25,9 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
-from app_roundtrip import ROOT, cpu_seconds, free_port  # bench/ is on sys.path when run as a script
+from app_roundtrip import ROOT, cpu_seconds, free_port, wait_for_app  # bench/ is on sys.path when run as a script
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -46,19 +44,7 @@ def start(root: Path, app_args: list[str], log: Path) -> tuple[subprocess.Popen,
     env = {k: v for k, v in os.environ.items() if k != "EDITLAB_DATA"}  # the data root is passed or the sample meant
     process = subprocess.Popen([sys.executable, "app.py", "--port", str(port), *app_args], cwd=root, env=env,
                                stdout=log.open("w"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 900
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"app.py in {root} exited with {process.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    process.kill()
-    raise SystemExit(f"app.py in {root} did not answer within 15 minutes:\n{log.read_text()}")
+    return process, wait_for_app(process, f"http://127.0.0.1:{port}/", log, 900)
 
 
 def measure(apps: list[tuple[subprocess.Popen, str]], n_edits: int) -> list[dict]:
