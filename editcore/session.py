@@ -594,7 +594,7 @@ class EditSession:
 
     def apply(self, images: torch.Tensor, targets: list[int], settings: EditSettings, refs: list[ImageRef],
               progress: Callable[[float, str], None] = lambda fraction, stage: None,
-              on_outcome: Callable[[EditOutcome], None] = lambda outcome: None,
+              on_outcome: Callable[[EditOutcome], None] | None = None,
               on_scored: Callable[[HeldOutScore], None] = lambda score: None) -> EditReport:
         """Edit so every image gets its target; keep the result only if it succeeds, keeps the session's
         earlier corrections and passes the guardrail. Bad settings raise SettingsError before anything
@@ -637,11 +637,12 @@ class EditSession:
             note = (" This session edited " + "; ".join(replaced) + " before: the latest target replaces the earlier "
                     "one, and only it is kept.") if replaced else ""
             applied, message = self._verdict(result, settings, slipped, n_earlier, drop=None)
-            on_outcome(EditOutcome(result.success, applied, message + note, result.steps, result.seconds,
-                                   n_earlier + len(targets), corrections_held, shared.name, settings, list(refs),
-                                   list(targets), self.topk(images[0], params=self.params if applied is False
-                                                            else result.params),
-                                   views_before, views_after, views, shared.domain.classes))
+            if on_outcome is not None:  # its top-k costs a whole-model pass: only for a caller who shows it
+                on_outcome(EditOutcome(result.success, applied, message + note, result.steps, result.seconds,
+                                       n_earlier + len(targets), corrections_held, shared.name, settings, list(refs),
+                                       list(targets), self.topk(images[0], params=self.params if applied is False
+                                                                else result.params),
+                                       views_before, views_after, views, shared.domain.classes))
             scored = self.scored_rows(digests)
             labels = shared.heldout.labels.cpu()
             before, parts, evaluation_seconds = self._top.predictions, [], 0.0

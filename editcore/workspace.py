@@ -299,7 +299,7 @@ class Workspace:
         return self.registry.edit_room(self, session.edit_bytes(layers, n_images))
 
     def apply(self, model: str, target: int, settings: EditSettings, progress=lambda fraction, stage: None,
-              on_outcome=lambda outcome: None, on_scored=lambda score: None) -> EditReport:
+              on_outcome=None, on_scored=lambda score: None) -> EditReport:
         """Edit the selected image to `target` in this user's session of `model`, which is then the model on
         screen. A refused edit (SettingsError) changes nothing, not even the model on screen. `on_outcome` and
         `on_scored` hear of the edit's outcome and its held-out figures as they come (`EditSession.apply`)."""
