@@ -1,4 +1,4 @@
-"""Edits that stay local: a projected, margin-seeking edit of one layer's weights.
+"""Edits that stay local: a projected, margin-seeking edit of a few layers' weights.
 
 The gradient editors move every editable weight (RMSProp's and Adam's first step from a zero state
 is a dense sign step), so one correction shifts the outputs of many other images. The local edit
@@ -286,7 +286,7 @@ class LocalEditor(Editor):
     name = "local"
     default_lr = 1.0
     default_max_steps = DEFAULT_MAX_STEPS
-    default_layers = "layer3.0.conv1"
+    default_layers = "layer3"  # every conv of the stage: spread over them, a session drifts less than on one conv (LOCALITY.md)
     differentiable = False
 
     def __init__(self, lr: float | None = None, learnable: bool = False, energy: float = DEFAULT_ENERGY,
