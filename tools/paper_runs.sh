@@ -15,11 +15,12 @@
 #   tools/paper_runs.sh score NAME N    score epoch N of run NAME on bench/locality.py (R, C; N=100 each; the paper's
 #                                       RMSProp at lr 1e-3, RMSProp at 1e-4 and the local editor): the same seeded
 #                                       edits for every run and epoch -> docs/runs/paper_runs/NAME_epN.json (+ .log)
-#   tools/paper_runs.sh paper NAME N... epochs N of run NAME under the paper's editor (RMSProp lr 1e-3, the run's layers), the
-#                                       issue's measure: evaluate-edits --protocol other --n-edits 200 --seed 11 on the
-#                                       embedded sample -> docs/runs/paper_runs/NAME_epN_paper_editor.json
+#   tools/paper_runs.sh paper NAME N... epochs N of run NAME under the paper's editor (RMSProp lr 1e-3, the run's layers or
+#                                       $LAYERS), the issue's measure: evaluate-edits --protocol other --n-edits 200 --seed 11
+#                                       on the embedded sample -> docs/runs/paper_runs/NAME[_LAYERS]_epN_paper_editor.json
 # Runs: editable (the paper's recipe, edits on the architecture's default layer3), baseline (same outer
-# recipe, no edit terms), editable_layer2 / baseline_layer2 (edits and their scoring on layer2).
+# recipe, no edit terms), editable_layer2 (edits and their scoring on layer2; its baseline is `baseline`, scored
+# with LAYERS=layer2), baseline_layer2 (the baseline again, its validation edits on layer2: not needed for that).
 cd "$(dirname "$0")/.."
 DATA="${EDITLAB_DATA:-../shared/data/cifar10}"
 THREADS="${THREADS:-1}" EVERY="${EVERY:-50}"
@@ -74,14 +75,16 @@ weights() {  # run $1's weights as epoch $2 ended -> runs/$1/scored/$1_ep$2.safe
     --checkpoint-from-state --latest --out "$dir/scored/$1_ep$2.safetensors" --device cpu --data-root "$DATA" >/dev/null || exit 1
 }
 
-paper() {  # epoch $2 of run $1 under the paper's editor, the issue's measure (200 seeded R edits, embedded sample)
-  local name=$1 epoch=$2 dir=runs/$1 out=docs/runs/paper_runs
+paper() {  # epoch $2 of run $1 under the paper's editor, the issue's measure (200 seeded R edits, embedded sample), with
+  # edits on the run's layers or on $LAYERS (the baseline judged on layer2: LAYERS=layer2 -> baseline_layer2_epN)
+  local name=$1 epoch=$2 dir=runs/$1 out=docs/runs/paper_runs prefix=${LAYERS:-$(layers "$1")} record=$1
+  [ "$prefix" = "$(layers "$1")" ] || record=${1}_$prefix
   weights "$name" "$epoch"
   OMP_NUM_THREADS=1 .venv/bin/python -m editcore evaluate-edits --checkpoint "$dir/scored/${name}_ep$epoch.safetensors" \
-    --editor rmsprop-paper --lr 1e-3 --editable-prefix "$(layers "$name")" --protocol other --n-edits 200 --seed 11 \
-    --threads 1 --device cpu --json | tail -1 >"$out/${name}_ep${epoch}_paper_editor.json" || exit 1
+    --editor rmsprop-paper --lr 1e-3 --editable-prefix "$prefix" --protocol other --n-edits 200 --seed 11 \
+    --threads 1 --device cpu --json | tail -1 >"$out/${record}_ep${epoch}_paper_editor.json" || exit 1
   .venv/bin/python -c "import json, sys; d = json.load(open(sys.argv[1])); print(sys.argv[1], 'error', round(d['test_error'], 4), \
-'drawdown', round(d['drawdown'], 4), 'success', d['success_rate'], 'steps', d['mean_steps'])" "$out/${name}_ep${epoch}_paper_editor.json"
+'drawdown', round(d['drawdown'], 4), 'success', d['success_rate'], 'steps', d['mean_steps'])" "$out/${record}_ep${epoch}_paper_editor.json"
 }
 
 score() {  # epoch $2 of run $1: its weights as that epoch ended, scored on the same edits as every other
