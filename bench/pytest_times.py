@@ -1,7 +1,8 @@
 """A pytest plugin for bench/suite_times.py: CPU time (this process and the child processes it waited for) and
 wall time of every test, setup and teardown included, written as JSON to $PYTEST_TIMES_OUT at the end. Under
 pytest-xdist each worker writes its own file ($PYTEST_TIMES_OUT.<worker>) and the controller, which runs no test,
-merges them: the total CPU time is the controller's plus every worker's, the wall time the controller's."""
+merges them: the total CPU time is the controller's own (not its children's: the workers are its children) plus
+every worker's, the wall time the controller's."""
 from __future__ import annotations
 
 import json
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 _tests: list[dict] = []
+_failed: list[str] = []  # under xdist the controller sees every worker's reports
 _start: dict[str, float] = {}
 
 
@@ -22,7 +24,8 @@ def _cpu_seconds() -> float:
 
 
 def pytest_sessionstart(session):
-    _start.update(cpu=_cpu_seconds(), wall=time.perf_counter())
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    _start.update(cpu=_cpu_seconds(), own_cpu=own.ru_utime + own.ru_stime, wall=time.perf_counter())
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -32,6 +35,11 @@ def pytest_runtest_protocol(item, nextitem):
     _tests.append({"test": item.nodeid, "cpu": _cpu_seconds() - cpu, "wall": time.perf_counter() - wall})
 
 
+def pytest_runtest_logreport(report):
+    if report.failed and report.nodeid not in _failed:
+        _failed.append(report.nodeid)
+
+
 def pytest_sessionfinish(session, exitstatus):
     out = Path(os.environ["PYTEST_TIMES_OUT"])
     total = {"cpu": _cpu_seconds() - _start["cpu"], "wall": time.perf_counter() - _start["wall"], "exitstatus": int(exitstatus)}
@@ -39,10 +47,13 @@ def pytest_sessionfinish(session, exitstatus):
     if worker:
         out.with_name(f"{out.name}.{worker}").write_text(json.dumps({"total": total, "tests": _tests}))
         return
-    tests = list(_tests)
-    for part in sorted(out.parent.glob(f"{out.name}.gw*")):
+    tests, parts = list(_tests), sorted(out.parent.glob(f"{out.name}.gw*"))
+    if parts:  # the workers' CPU (theirs and their children's) comes from their files, once
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        total["cpu"] = own.ru_utime + own.ru_stime - _start["own_cpu"]
+    for part in parts:
         record = json.loads(part.read_text())
         tests += record["tests"]
         total["cpu"] += record["total"]["cpu"]
         part.unlink()
-    out.write_text(json.dumps({"total": total, "tests": tests}))
+    out.write_text(json.dumps({"total": total, "tests": tests, "failed": _failed}))

@@ -67,6 +67,8 @@ def main() -> int:
             log = (folder / f"{k}.log").read_text()
             print(f"{name}: {log.strip().splitlines()[-1]}")
             results[name] = json.loads((folder / f"{k}.json").read_text())
+            for test in results[name].get("failed", []):
+                print(f"{name}: FAILED {test}")
     load_after = os.getloadavg()
 
     names = list(results)
