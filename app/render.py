@@ -334,7 +334,7 @@ COMPARE_INTRO = (
     "changes no weights, so held-out accuracy cannot drop, but a shifted or re-lit copy of the image no longer "
     "matches. <b>Fine-tuning</b> trains on the corrected image mixed with replayed training images (the training "
     "set with a data root, else a shipped sample of 2,000) until the image is fixed, within a step budget. The "
-    "<b>local editor</b> (the page's default) changes one conv in directions the other images barely use; the "
+    "<b>local editor</b> (the page's default) changes the convs of one stage in directions the other images barely use; the "
     "paper's <b>RMSProp</b> editor takes a few gradient steps on the edited layers, and editable training prepares "
     "a model for exactly that. Every method runs on both models. Compare the drop in held-out accuracy and the share "
     "of green views. The corrected image is left out of the held-out figures when it is a held-out image."

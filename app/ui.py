@@ -25,7 +25,7 @@ from editcore import (DEFAULT_EDITOR, EDITORS, SOURCE_TEST, SOURCE_UPLOADS, Brow
 from . import render, render_measure
 from .measure_tab import MeasureHandlers, build_measure_tab
 
-EDITOR_LABELS = {"local": "Local (one conv, projected)", "rmsprop": "RMSProp", "rmsprop-paper": "RMSProp (paper code)",
+EDITOR_LABELS = {"local": "Local (projected)", "rmsprop": "RMSProp", "rmsprop-paper": "RMSProp (paper code)",
                  "gd": "Gradient descent", "momentum": "Momentum", "adam": "Adam"}
 SORT_LABELS = {"index": "image index", "confidence-asc": "confidence, lowest first",
                "confidence-desc": "confidence, highest first", "loss-desc": "loss, highest first"}

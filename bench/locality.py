@@ -20,7 +20,8 @@ counts those (`already`) and gives the mean drop over the others (`drop_needed`)
 
 A method is EDITOR@LAYERS[,key=value...]: EDITOR is a gradient editor (rmsprop, gd, momentum, adam;
 keys lr, steps) or `local` (editcore.core.locality; keys energy, margin, copies, steps, keep=0/1 for
-session constraints, anchors=N, ridge=R for the soft projector). Prints one table; `--json FILE` writes every number.
+session constraints, protect=S to keep steps away from earlier corrections' inputs, anchors=N, ridge=R for the soft
+projector). Prints one table; `--json FILE` writes every number.
 """
 from __future__ import annotations
 
@@ -90,7 +91,8 @@ class Runner:
             keep_inputs = normalize(torch.cat([k[0] for k in keep]))
             keep_targets = torch.tensor([k[1] for k in keep], device=image.device)
         return local_edit(self.editable, x, t, self.subspace, self.steps, opts.get("margin", DEFAULT_MARGIN),
-                          int(opts.get("copies", DEFAULT_COPIES)), params or None, keep_inputs, keep_targets)
+                          int(opts.get("copies", DEFAULT_COPIES)), params or None, keep_inputs, keep_targets,
+                          protect=opts.get("protect", 0.0))
 
     def predict(self, images: torch.Tensor, params) -> torch.Tensor:
         return full_logits(self.model, images, params or None).argmax(1)
@@ -122,14 +124,16 @@ def single_edits(runner: Runner, heldout: HeldOutEvaluator, indices, edits: Imag
     return records
 
 
-def session(runner: Runner, heldout: HeldOutEvaluator, indices, edits: ImageSet, rows, targets) -> dict:
+def session(runner: Runner, heldout: HeldOutEvaluator, indices, edits: ImageSet, rows, targets, score_every: int = 1) -> dict:
     """K corrections in a row, kept as the app keeps them (EditSession.apply): an edit that does not reach
     its target, or that would leave an earlier kept correction wrong, is rolled back. `held` counts, of all K
-    corrections asked for, those the final model predicts right; `kept_curve` the kept ones holding after each."""
+    corrections asked for, those the final model predicts right; `kept_curve` the kept ones holding after each.
+    `accuracy_curve` is scored after every `score_every`-th correction and after the last (None elsewhere), so a
+    long session on the full test set does not pay a 10,000-image re-evaluation per correction."""
     params, keep, curve, kept, gains, successes, rolled_back, seconds = {}, [], [], [], [], [], [], []
     exclude = {int(edits.indices[r]) for r in rows}
     base = accuracy(heldout, indices, heldout.base_predictions, exclude)
-    for row, target in zip(rows, targets):
+    for position, (row, target) in enumerate(zip(rows, targets), 1):
         image = edits.images[row : row + 1]
         before = views_at_target(runner, image, target, params)
         result = runner.edit(image, target, params, keep)
@@ -142,7 +146,8 @@ def session(runner: Runner, heldout: HeldOutEvaluator, indices, edits: ImageSet,
             params = result.params
             keep.append((image, int(target)))
         gains.append(views_at_target(runner, image, target, params) - before)
-        curve.append(accuracy(heldout, indices, heldout.predict(params), exclude))
+        scored = position % score_every == 0 or position == len(rows)
+        curve.append(accuracy(heldout, indices, heldout.predict(params), exclude) if scored else None)
         kept.append(int((runner.predict(torch.cat([k[0] for k in keep]), params).cpu() ==
                          torch.tensor([k[1] for k in keep])).sum()) if keep else 0)
     asked = edits.images[torch.as_tensor(rows)]
@@ -181,6 +186,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--heldout", default="exact", choices=["exact", "full"])
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--score-every", type=int, default=1, help="S: held-out accuracy after every K-th correction")
     parser.add_argument("--json", default=None, help="write every record here")
     args = parser.parse_args(argv)
     if args.threads:
@@ -220,7 +226,8 @@ def main(argv=None) -> int:
                 elif protocol.startswith("S"):
                     k = int(protocol[1:])
                     row[protocol] = [session(runner, heldout, heldout_set.indices, edits,
-                                             *draw_edits(edits, k, args.seed + 1000 + s, "corrections", predictions=wrong_predictions))
+                                             *draw_edits(edits, k, args.seed + 1000 + s, "corrections", predictions=wrong_predictions),
+                                             score_every=args.score_every)
                                      for s in range(args.sessions)]
             row["seconds"] = time.perf_counter() - started
             results.append(row)

@@ -203,7 +203,7 @@ def build_fixer(args, editable: EditableModel, editor, device, model_layers: str
                 replay: data_mod.ImageSet | None = None) -> Fixer:
     """The fix evaluate-edits measures: the editor, fine-tuning with replay, or a lookup table. Fine-tuning
     trains `model_layers` (the checkpoint's editable layers, where its defaults were tuned) unless
-    --finetune-layers says otherwise, not the editor's own: on the local editor's one conv, fine-tuning fixed only
+    --finetune-layers says otherwise, not the editor's own: on one conv (the local editor's earlier default), fine-tuning fixed only
     6 of 10 R edits of the sample within its budget (issue 21). `replay`: fine-tuning's training images (your own
     model's anchors), else CIFAR-10's."""
     if args.fixer == "editor":

@@ -126,7 +126,7 @@ def test_measure_tab_runs_with_progress_table_plot_and_downloads(served):
             sync_api.expect(page.locator("#training-history svg.history-panel")).to_have_count(6)
 
             editors, models = page.locator("#measure-editors"), page.locator("#measure-models")
-            editors.get_by_label("Local (one conv, projected)").uncheck()
+            editors.get_by_label("Local (projected)").uncheck()
             editors.get_by_label("RMSProp", exact=True).uncheck()
             editors.get_by_label("Gradient descent").check()
             models.get_by_label(re.compile("editable-trained")).uncheck()

@@ -34,7 +34,7 @@ def test_page_load_select_apply_undo(handlers):
         gallery, page = handlers.on_load(r)
     ws = handlers.workspace(r)
     # The page's defaults: the local editor on its one conv.
-    assert model["value"] == "editable" and layers["value"] == "layer3.0.conv1" and lr["value"] == 1.0
+    assert model["value"] == "editable" and layers["value"] == "layer3" and lr["value"] == 1.0
     assert max_steps["value"] == EDITORS["local"].default_max_steps
     assert Image.open(image).size == (256, 256) and "misclassified" in info
     assert len(gallery) == 24 and all("→" in caption for _, caption in gallery)  # misclassified only, by default
@@ -45,7 +45,7 @@ def test_page_load_select_apply_undo(handlers):
     outputs = handlers.apply_edit(true_label, "editable", None, None, None, None, 0, r)  # None: the page's defaults
     report, status, topk_after = outputs[0], outputs[1], outputs[2]
     assert report["success"] and report["applied"] and "Applied" in status
-    assert (report["editor"], report["layers"], report["max_steps"]) == ("local", "layer3.0.conv1", 20)
+    assert (report["editor"], report["layers"], report["max_steps"]) == ("local", "layer3", 20)
     assert max(topk_after, key=topk_after.get) == true_label
     assert len(outputs[8]) == 1 and outputs[8][0][0] == 1  # history table: one row, edit 1
     assert "green" in outputs[5] and outputs[5].count("<figure>") == 16  # the augmented views panel

@@ -127,6 +127,35 @@ def test_kept_rows_that_hold_cost_the_edit_nothing():
     assert kept.steps == alone.steps and all(torch.equal(kept.params[n], alone.params[n]) for n in alone.params)
 
 
+def test_protecting_earlier_corrections_keeps_their_outputs_to_first_order(linear):
+    """With `protect`, steps also stay away from the kept corrections' inputs: an edit whose inputs share a
+    direction with an earlier correction's leaves that correction's logits (nearly) where they were, while the
+    same edit without it moves them; both reach their target."""
+    editable, anchors = linear
+    subspace = AnchorSubspace(editable, anchors, energy=1e-9)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        earlier = 40 * editable.model.head.weight[0:1].clone()  # an input its class 0 holds by a wide margin
+        query = earlier + 2 * torch.randn(1, DIM, generator=gen)  # close to the earlier correction
+        target = editable.logits(query).argsort(1)[:, -2]
+        before = editable.logits(earlier)
+    assert logit_margins(before, before.argmax(1)).item() > KEEP_MARGIN  # it holds: only checked, never in the loss
+    moved = {}
+    for protect in (0.0, 1e4):
+        result = local_edit(editable, query, target, subspace, max_steps=20, copies=0, keep_inputs=earlier,
+                            keep_targets=before.argmax(1), protect=protect)
+        assert result.success
+        with torch.no_grad():
+            moved[protect] = float((editable.logits(earlier, result.params) - before).norm())
+    assert moved[1e4] < 0.01 * moved[0.0], moved
+
+
+def test_protecting_needs_the_hard_cut(linear):
+    editable, anchors = linear
+    with pytest.raises(ValueError, match="hard-cut"):
+        AnchorSubspace(editable, anchors, ridge=0.1).protecting({"head.weight": torch.eye(DIM)}, 1.0)
+
+
 def test_local_editor_is_pure_and_registered(tiny):
     editable, inputs = tiny
     before = {k: v.clone() for k, v in editable.model.state_dict().items()}

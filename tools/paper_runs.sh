@@ -15,8 +15,12 @@
 #   tools/paper_runs.sh score NAME N    score epoch N of run NAME on bench/locality.py (R, C; N=100 each; the paper's
 #                                       RMSProp at lr 1e-3, RMSProp at 1e-4 and the local editor): the same seeded
 #                                       edits for every run and epoch -> docs/runs/paper_runs/NAME_epN.json (+ .log)
+#   tools/paper_runs.sh paper NAME N... epochs N of run NAME under the paper's editor (RMSProp lr 1e-3, the run's layers or
+#                                       $LAYERS), the issue's measure: evaluate-edits --protocol other --n-edits 200 --seed 11
+#                                       on the embedded sample -> docs/runs/paper_runs/NAME[_LAYERS]_epN_paper_editor.json
 # Runs: editable (the paper's recipe, edits on the architecture's default layer3), baseline (same outer
-# recipe, no edit terms), editable_layer2 / baseline_layer2 (edits and their scoring on layer2).
+# recipe, no edit terms), editable_layer2 (edits and their scoring on layer2; its baseline is `baseline`, scored
+# with LAYERS=layer2), baseline_layer2 (the baseline again, its validation edits on layer2: not needed for that).
 cd "$(dirname "$0")/.."
 DATA="${EDITLAB_DATA:-../shared/data/cifar10}"
 THREADS="${THREADS:-1}" EVERY="${EVERY:-50}"
@@ -63,12 +67,29 @@ snapshots() {  # while run $1 trains, keep a copy of its state as each epoch end
   done
 }
 
+weights() {  # run $1's weights as epoch $2 ended -> runs/$1/scored/$1_ep$2.safetensors (+ card)
+  local dir=runs/$1
+  [ -f "$dir/ep$2.state.safetensors" ] || { echo "no $dir/ep$2.state.safetensors" >&2; exit 2; }
+  mkdir -p "$dir/scored" docs/runs/paper_runs
+  [ -f "$dir/scored/$1_ep$2.safetensors" ] || .venv/bin/python -m editcore train --resume "$dir/ep$2.state.safetensors" \
+    --checkpoint-from-state --latest --out "$dir/scored/$1_ep$2.safetensors" --device cpu --data-root "$DATA" >/dev/null || exit 1
+}
+
+paper() {  # epoch $2 of run $1 under the paper's editor, the issue's measure (200 seeded R edits, embedded sample), with
+  # edits on the run's layers or on $LAYERS (the baseline judged on layer2: LAYERS=layer2 -> baseline_layer2_epN)
+  local name=$1 epoch=$2 dir=runs/$1 out=docs/runs/paper_runs prefix=${LAYERS:-$(layers "$1")} record=$1
+  [ "$prefix" = "$(layers "$1")" ] || record=${1}_$prefix
+  weights "$name" "$epoch"
+  OMP_NUM_THREADS=1 .venv/bin/python -m editcore evaluate-edits --checkpoint "$dir/scored/${name}_ep$epoch.safetensors" \
+    --editor rmsprop-paper --lr 1e-3 --editable-prefix "$prefix" --protocol other --n-edits 200 --seed 11 \
+    --threads 1 --device cpu --json | tail -1 >"$out/${record}_ep${epoch}_paper_editor.json" || exit 1
+  .venv/bin/python -c "import json, sys; d = json.load(open(sys.argv[1])); print(sys.argv[1], 'error', round(d['test_error'], 4), \
+'drawdown', round(d['drawdown'], 4), 'success', d['success_rate'], 'steps', d['mean_steps'])" "$out/${record}_ep${epoch}_paper_editor.json"
+}
+
 score() {  # epoch $2 of run $1: its weights as that epoch ended, scored on the same edits as every other
   local name=$1 epoch=$2 dir=runs/$1 out=docs/runs/paper_runs
-  [ -f "$dir/ep$epoch.state.safetensors" ] || { echo "no $dir/ep$epoch.state.safetensors" >&2; exit 2; }
-  mkdir -p "$dir/scored" "$out"
-  .venv/bin/python -m editcore train --resume "$dir/ep$epoch.state.safetensors" --checkpoint-from-state --latest \
-    --out "$dir/scored/${name}_ep$epoch.safetensors" --device cpu --data-root "$DATA" >/dev/null || exit 1
+  weights "$name" "$epoch"
   OMP_NUM_THREADS=1 .venv/bin/python bench/locality.py --data-root "$DATA" --checkpoint "$dir/scored/${name}_ep$epoch.safetensors" \
     --corrections-of assets/resnet20_baseline.safetensors --corrections-of assets/resnet20_editable.safetensors \
     --protocols R C --n 100 --threads 1 --method "rmsprop-paper@$(layers "$name")" \
@@ -91,6 +112,7 @@ case "${1:-}" in
   start) shift; [ $# -gt 0 ] || { echo "name the runs to start" >&2; exit 2; }; for n in "$@"; do start "$n"; done ;;
   _snapshots) snapshots "$2" ;;
   score) [ $# -eq 3 ] || { echo "score NAME EPOCH" >&2; exit 2; }; score "$2" "$3" ;;
+  paper) [ $# -ge 3 ] || { echo "paper NAME EPOCH..." >&2; exit 2; }; name=$2; shift 2; for e in "$@"; do paper "$name" "$e"; done ;;
   status)
     for dir in runs/*/; do
       name=$(basename "$dir"); [ -f "$dir/state.json" ] || continue

@@ -1,4 +1,4 @@
-"""Edits that stay local: a projected, margin-seeking edit of one layer's weights.
+"""Edits that stay local: a projected, margin-seeking edit of a few layers' weights.
 
 The gradient editors move every editable weight (RMSProp's and Adam's first step from a zero state
 is a dense sign step), so one correction shifts the outputs of many other images. The local edit
@@ -22,6 +22,8 @@ An edited model is still the base model plus a dict of replacement tensors (`Edi
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import time
 import zlib
 
@@ -70,6 +72,33 @@ def _owner(model: nn.Module, name: str) -> nn.Module:
     return model.get_submodule(name.rsplit(".", 1)[0])
 
 
+@contextlib.contextmanager
+def recording_inputs(model: nn.Module, names: list[str]):
+    """While inside, every forward pass adds the input vectors of each weight in `names` (a conv's unfolded
+    k x k x c_in patches, a linear layer's rows) to sums[name] = sum of p p^T (float64) and counts[name]."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name: str, module: nn.Module):
+        def record(_module, args):
+            x = args[0].detach().double()  # float64: the low-energy tail is what matters
+            if isinstance(module, nn.Conv2d):
+                x = nn.functional.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+                x = x.transpose(1, 2).reshape(-1, x.shape[1])  # (N * positions, c_in * k * k)
+            else:
+                x = x.reshape(-1, x.shape[-1])
+            sums[name] = sums.get(name, 0) + x.T @ x
+            counts[name] = counts.get(name, 0) + len(x)
+        return record
+
+    handles = [_owner(model, n).register_forward_pre_hook(hook(n, _owner(model, n))) for n in names]
+    try:
+        yield sums, counts
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 class AnchorSubspace:
     """Projectors onto the low-energy subspace of anchor inputs, one per edited weight matrix.
 
@@ -89,37 +118,22 @@ class AnchorSubspace:
                       if n.endswith(".weight") and isinstance(_owner(model, n), (nn.Conv2d, nn.Linear))]
         if not self.names:
             raise ValueError(f"no conv or linear weight among the editable parameters {editable.names[:4]}...")
-        sums: dict[str, torch.Tensor] = {}
-        counts: dict[str, int] = {}
-
-        def hook(name: str, module: nn.Module):
-            def record(_module, args):
-                x = args[0].detach().double()  # float64: the low-energy tail is what matters
-                if isinstance(module, nn.Conv2d):
-                    x = nn.functional.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
-                    x = x.transpose(1, 2).reshape(-1, x.shape[1])  # (N * positions, c_in * k * k)
-                sums[name] = sums.get(name, 0) + x.T @ x
-                counts[name] = counts.get(name, 0) + len(x)
-            return record
-
-        handles = [_owner(model, n).register_forward_pre_hook(hook(n, _owner(model, n))) for n in self.names]
-        try:
-            with torch.no_grad(), eval_mode(model):
-                for i in range(0, len(anchor_inputs), batch_size):
-                    model(anchor_inputs[i : i + batch_size])
-        finally:
-            for handle in handles:
-                handle.remove()
+        with recording_inputs(model, self.names) as (sums, counts), torch.no_grad(), eval_mode(model):
+            for i in range(0, len(anchor_inputs), batch_size):
+                model(anchor_inputs[i : i + batch_size])
         self.projectors: dict[str, torch.Tensor] = {}
         self.dims: dict[str, tuple[int, int]] = {}  # (kept directions, input dimension)
+        self.bases: dict[str, torch.Tensor] = {}  # hard cut: orthonormal basis of the subspace (float64)
+        self.scales: dict[str, float] = {}  # mean eigenvalue of the anchors' covariance
         for name in self.names:
             covariance = sums[name] / counts[name]
             eigenvalues, eigenvectors = torch.linalg.eigh(covariance)  # ascending
             eigenvalues = eigenvalues.clamp(min=0)
             keep = int((eigenvalues.cumsum(0) <= energy * eigenvalues.sum()).sum())
             self.dims[name] = (max(keep, 1), len(eigenvalues))
+            self.scales[name] = float(eigenvalues.mean())
             if ridge is None:
-                basis = eigenvectors[:, :max(keep, 1)]
+                basis = self.bases[name] = eigenvectors[:, :max(keep, 1)]
                 self.projectors[name] = (basis @ basis.T).float()
             else:
                 # The soft projector ridge (C / mean eigenvalue + ridge)^-1: ~1 on directions the anchors leave
@@ -127,6 +141,22 @@ class AnchorSubspace:
                 # least, E|dW p|^2 = tr(dW C dW^T), for its first-order effect on the edit's loss.
                 weights = ridge / (eigenvalues / eigenvalues.mean() + ridge)
                 self.projectors[name] = ((eigenvectors * weights) @ eigenvectors.T).float()
+
+    def protecting(self, covariances: dict[str, torch.Tensor], strength: float) -> "AnchorSubspace":
+        """This subspace with each step also kept away from the inputs of `covariances` (a session's earlier
+        corrections, AlphaEdit's "keys of previous edits"): inside the subspace (basis B), the direction is
+        G B (I + strength B^T C B / s)^-1 B^T, s the anchors' mean eigenvalue, the step that changes the
+        layer's output on those inputs least, E|dW p|^2 = tr(dW C dW^T), for its first-order effect on the loss."""
+        if not self.bases:
+            raise ValueError("protecting earlier corrections needs the hard-cut subspace (no ridge)")
+        protected = copy.copy(self)
+        protected.projectors = {}
+        for name in self.names:
+            basis = self.bases[name]
+            inner = basis.T @ covariances[name].to(basis) @ basis * (strength / self.scales[name])
+            inverse = torch.linalg.inv(torch.eye(len(inner), dtype=inner.dtype, device=inner.device) + inner)
+            protected.projectors[name] = (basis @ inverse @ basis.T).float()
+        return protected
 
     def project(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """tensor (shaped like the weight) with its input side projected onto the low-energy subspace."""
@@ -148,6 +178,7 @@ def local_edit(
     step_scale: float = 1.0,
     seed: int | None = None,
     keep_features: torch.Tensor | None = None,
+    protect: float = 0.0,
 ) -> EditResult:
     """Edit so that every input gets its target, changing only `subspace.names` within the subspace.
 
@@ -161,6 +192,8 @@ def local_edit(
     steps; `success` means every input's target is the argmax. `params`: the editable tensors to start
     from (default: the base model's). `keep_features` may stand for `keep_inputs`: their activations
     entering the editable stage, which a caller keeping a session's corrections can compute once.
+    `protect` > 0: every step also stays away from the kept corrections' inputs to the edited layers
+    (`AnchorSubspace.protecting`, with this strength), not only from the anchors'.
     """
     if max_steps < 0:
         raise ValueError("max_steps must be >= 0")
@@ -188,6 +221,10 @@ def local_edit(
             else:
                 keep_features = None
         kept = torch.zeros(0 if keep_features is None else len(keep_features), dtype=torch.bool, device=inputs.device)
+        if protect > 0 and keep_features is not None:
+            with torch.no_grad(), recording_inputs(editable.model, names) as (sums, counts):
+                editable.logits_from_features(keep_features, params)
+            subspace = subspace.protecting({n: sums[n] / counts[n] for n in names}, protect)
 
         def evaluate(candidate: Params) -> tuple[Params, torch.Tensor, torch.Tensor]:
             candidate = {n: p.detach().requires_grad_(n in subspace.projectors) for n, p in candidate.items()}
@@ -249,7 +286,7 @@ class LocalEditor(Editor):
     name = "local"
     default_lr = 1.0
     default_max_steps = DEFAULT_MAX_STEPS
-    default_layers = "layer3.0.conv1"
+    default_layers = "layer3"  # every conv of the stage: spread over them, a session drifts less than on one conv (LOCALITY.md)
     differentiable = False
 
     def __init__(self, lr: float | None = None, learnable: bool = False, energy: float = DEFAULT_ENERGY,

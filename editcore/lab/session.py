@@ -100,7 +100,7 @@ def _all_finite(result) -> bool:
 class EditSettings:
     """How to edit. editor None: the page's default (DEFAULT_EDITOR); lr None: the editor's default
     (tuned) rate, the same for every model; max_steps None: the editor's default; layers '': the
-    editor's default layers (the local editor's one conv), else the checkpoint's editable layers;
+    editor's default layers (the local editor's convs), else the checkpoint's editable layers;
     max_drop None: no guardrail, else the largest held-out accuracy drop (percentage points) an edit
     may cause and be kept."""
 
