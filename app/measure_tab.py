@@ -1,4 +1,4 @@
-"""The Measure tab: the paper's measurement (N seeded edits per model and editor, editcore.measure) run on the
+"""The Measure tab: the paper's measurement (N seeded edits per model and editor, editcore.lab.measure) run on the
 server with a progress bar, and what editable training did (the models' training histories from their cards).
 """
 from __future__ import annotations

@@ -208,7 +208,7 @@ def main() -> int:
                      f"| {r['cpu_p50']:.3f} s | {r['edit_p50'] * 1000:.0f} ms | {r['eval_p50'] * 1000:.0f} ms | {target} |")
     import torch
 
-    from editcore.heldout import native_bfloat16
+    from editcore.core.heldout import native_bfloat16
 
     native = native_bfloat16(torch.device("cpu"))
     lines += ["", f"This CPU {'has' if native else 'has no'} native bfloat16, so the app's re-evaluation above ran in "

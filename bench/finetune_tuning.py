@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from editcore import (EditableModel, FinetuneFixer, HeldOutEvaluator, draw_edits, evaluate_edits,  # noqa: E402
                       full_logits, load_checkpoint, load_cifar10, load_train_sample, resolve_data_root)
-from editcore.fixers import FINETUNE_DEFAULT_LR, FINETUNE_DEFAULTS  # noqa: E402
+from editcore.experiments.fixers import FINETUNE_DEFAULT_LR, FINETUNE_DEFAULTS  # noqa: E402
 
 EXACT_TEST = 1000  # test 0-999 are pixel-exact (held out); 1000-9999 are JPEG decodes (the edit pool)
 KEYS = {"opt": "optimizer", "lr": "lr", "steps": "max_steps", "replay": "replay_ratio", "layers": "prefix"}

@@ -19,7 +19,7 @@ counts those (`already`) and gives the mean drop over the others (`drop_needed`)
         --method rmsprop@layer3 --method local@layer3.0.conv1
 
 A method is EDITOR@LAYERS[,key=value...]: EDITOR is a gradient editor (rmsprop, gd, momentum, adam;
-keys lr, steps) or `local` (editcore.locality; keys energy, margin, copies, steps, keep=0/1 for
+keys lr, steps) or `local` (editcore.core.locality; keys energy, margin, copies, steps, keep=0/1 for
 session constraints, protect=S to keep steps away from earlier corrections' inputs, anchors=N, ridge=R for the soft
 projector). Prints one table; `--json FILE` writes every number.
 """
@@ -39,10 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from editcore import (EditableModel, HeldOutEvaluator, ImageSet, augmented_views, create_editor, edit,  # noqa: E402
                       load_checkpoint, load_cifar10, load_train_sample, normalize, resolve_data_root)
-from editcore.heldout import full_logits  # noqa: E402
-from editcore.locality import (DEFAULT_COPIES, DEFAULT_ENERGY, DEFAULT_MARGIN, DEFAULT_MAX_STEPS,  # noqa: E402
-                               AnchorSubspace, local_edit)
-from editcore.metrics import draw_edits  # noqa: E402
+from editcore.core.heldout import full_logits  # noqa: E402
+from editcore.core.locality import (DEFAULT_COPIES, DEFAULT_ENERGY, DEFAULT_MARGIN, DEFAULT_MAX_STEPS,  # noqa: E402
+                                    AnchorSubspace, local_edit)
+from editcore.experiments.metrics import draw_edits  # noqa: E402
 
 EXACT_TEST = 1000  # test images 0-999 are pixel-exact in the project's copy of CIFAR-10
 ROOT = Path(__file__).resolve().parent.parent

@@ -29,7 +29,7 @@ from load import RELIABILITY, edit_plan, rss_mb
 from report import write_section
 
 sys.path.insert(0, str(ROOT))
-import editcore.workspace as workspace_module  # noqa: E402
+import editcore.lab.workspace as workspace_module  # noqa: E402
 from editcore import CLASSES, EditSettings, ImageRef, Lab, limit_allocator_retention  # noqa: E402
 
 ALLOCATORS = {"app": "app's setting (2 arenas, 32 MiB mmap threshold)", "glibc": "glibc's defaults"}

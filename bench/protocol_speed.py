@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from editcore import (EditableModel, HeldOutEvaluator, create_editor, draw_edits, edit, load_checkpoint,  # noqa: E402
                       load_cifar10, normalize)
-from editcore.heldout import EVAL_BATCH, native_bfloat16  # noqa: E402
+from editcore.core.heldout import EVAL_BATCH, native_bfloat16  # noqa: E402
 
 CHECKPOINT = ROOT / "assets" / "resnet20_baseline.safetensors"
 # The official code's evaluate_quality on this checkpoint at M = 10,000 on a 2-core machine of this
@@ -154,7 +154,7 @@ def main() -> int:
 
 Command: `{command}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})
 Machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}, device cpu;
-native bfloat16 (`editcore.heldout.native_bfloat16`): **{bf16}**. Load average (1, 5, 15 min) before: {load_before};
+native bfloat16 (`editcore.core.heldout.native_bfloat16`): **{bf16}**. Load average (1, 5, 15 min) before: {load_before};
 after: {load_after}{shared_note}.
 Model: {shown(CHECKPOINT)}; held-out: the CIFAR-10 test split ({runs[1, large]['n_heldout']} images).
 

@@ -15,25 +15,25 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from . import data as data_mod
-from . import nae as nae_mod
-from .checkpoint import git_commit, load_checkpoint, read_card, save_checkpoint
-from .device import pick_device
-from .edit import EditableModel
-from .editors import EDITORS, create_editor
-from .fixers import (FINETUNE_DEFAULT_LR, FINETUNE_DEFAULTS, FIXERS, LOOKUP_DEFAULT_THRESHOLD, EditorFixer, FinetuneFixer,
-                     Fixer, LookupFixer)
-from .heldout import HeldOutEvaluator, full_logits
-from .locality import DEFAULT_EDITOR
-from .images import load_image_folder
-from .measure import (DEFAULT_EDITORS, DEFAULT_N_EDITS, MEASURE_PROTOCOLS, PROTOCOL_TARGETS, ProtocolSets,
-                      protocol_editor, protocol_sets)
-from .metrics import evaluate_edits
-from .models import MODELS, create_model
-from .sources import add_folder_arguments, folder_setup_from_args
-from .torchrun import Ranks
-from .train_state import load_state
-from .training import LOC_REFERENCES, RECIPES, SCHEDULES, TrainConfig, accuracy, recipe_config, train
+from .core import data as data_mod
+from .core.checkpoint import git_commit, load_checkpoint, read_card, save_checkpoint
+from .core.device import pick_device
+from .core.edit import EditableModel
+from .core.editors import EDITORS, create_editor
+from .core.heldout import HeldOutEvaluator, full_logits
+from .core.images import load_image_folder
+from .core.locality import DEFAULT_EDITOR
+from .core.models import MODELS, create_model
+from .experiments import nae as nae_mod
+from .experiments.fixers import (FINETUNE_DEFAULT_LR, FINETUNE_DEFAULTS, FIXERS, LOOKUP_DEFAULT_THRESHOLD, EditorFixer,
+                                 FinetuneFixer, Fixer, LookupFixer)
+from .experiments.metrics import evaluate_edits
+from .experiments.torchrun import Ranks
+from .experiments.train_state import load_state
+from .experiments.training import LOC_REFERENCES, RECIPES, SCHEDULES, TrainConfig, accuracy, recipe_config, train
+from .lab.measure import (DEFAULT_EDITORS, DEFAULT_N_EDITS, MEASURE_PROTOCOLS, PROTOCOL_TARGETS, ProtocolSets,
+                          protocol_editor, protocol_sets)
+from .lab.sources import add_folder_arguments, folder_setup_from_args
 
 
 def say(*parts) -> None:
@@ -311,8 +311,8 @@ def named_checkpoints(values: list[str]) -> dict[str, Path]:
 def cmd_measure(args) -> int:
     """The app's Measure tab on the command line: evaluate-edits for every checkpoint x editor, one table.
     Each row's numbers are those of the evaluate-edits command it names."""
-    from .measure import MeasureSettings, measure, results_json
-    from .session import SharedModel
+    from .lab.measure import MeasureSettings, measure, results_json
+    from .lab.session import SharedModel
 
     commit, load_start = git_commit(), os.getloadavg()  # the code that runs, not whatever HEAD is when it ends
     if args.threads:
@@ -402,7 +402,7 @@ def cmd_build_nae(args) -> int:
 
 def cmd_imagenet_a_edits(args) -> int:
     """The NAE protocol on ImageNet-A with a torchvision ResNet (weights from torch's cache)."""
-    from . import imagenet_a
+    from .experiments import imagenet_a
 
     device = pick_device(args.device)
     model = imagenet_a.StagedTorchvisionResNet(imagenet_a.torchvision_resnet(args.torchvision_model))

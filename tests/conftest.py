@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from editcore import EditableModel, ImageSet, TrainConfig, load_sample, train
-from editcore.models import StagedNet
+from editcore.core.models import StagedNet
 
 # One torch thread for the whole run, here and in the processes tests start (they inherit the variable). On
 # this project's 2-core machines other jobs share the cores, and two threads that wait on each other cost

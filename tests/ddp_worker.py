@@ -14,7 +14,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from conftest import make_tiny, tiny_images  # noqa: E402
 from editcore import EditableModel, create_editor, normalize  # noqa: E402
-from editcore.training import recipe_config, train_step  # noqa: E402
+from editcore.experiments.training import recipe_config, train_step  # noqa: E402
 from test_training import TINY  # noqa: E402
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from editcore import DataError, augment, load_cifar10, load_sample, load_train_sample, normalize, resolve_data_root
-from editcore.data import BATCH_DIR, TEST_BATCHES, TRAIN_BATCHES
+from editcore.core.data import BATCH_DIR, TEST_BATCHES, TRAIN_BATCHES
 
 
 def write_batch(path, n, seed):

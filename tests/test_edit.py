@@ -98,7 +98,7 @@ def test_eval_mode_sets_and_restores_every_modules_mode(tiny):
 
 def test_edited_params_replace_a_tied_weight_everywhere_it_is_used():
     from editcore import EditableModel
-    from editcore.models import StagedNet
+    from editcore.core.models import StagedNet
 
     class Tied(StagedNet):
         stage_names = ("stem", "head")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from editcore import EDITORS, EditableModel, create_editor, edit, edit_loss
-from editcore.editors import editor_from_state
+from editcore.core.editors import editor_from_state
 
 from conftest import make_tiny
 

@@ -11,7 +11,7 @@ from editcore import (EditableModel, EditorFixer, FinetuneFixer, HeldOutEvaluato
                       PatchResult, augmented_views, create_editor, finetune, full_logits, generalization, normalize,
                       save_checkpoint, view_families, view_specs)
 from editcore.cli import main
-from editcore.models import StagedNet
+from editcore.core.models import StagedNet
 
 from conftest import make_tiny
 
@@ -147,7 +147,7 @@ def test_finetune_fixer_is_seeded():
 
 
 def test_the_compare_view_names_the_replay_source(monkeypatch):
-    from editcore.compare import finetune_detail
+    from editcore.lab.compare import finetune_detail
 
     monkeypatch.delenv("EDITLAB_DATA", raising=False)
     model = make_tiny()

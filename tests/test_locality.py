@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from editcore import AnchorSubspace, EditableModel, create_editor, edit, local_edit, logit_margins
-from editcore.locality import KEEP_MARGIN
-from editcore.models import StagedNet
+from editcore.core.locality import KEEP_MARGIN
+from editcore.core.models import StagedNet
 
 from conftest import make_tiny
 
@@ -175,7 +175,7 @@ def test_local_editor_is_pure_and_registered(tiny):
 
 def test_the_edits_copies_are_drawn_per_image_and_never_a_generalisation_view():
     from editcore import augmented_views, view_specs
-    from editcore.locality import DEFAULT_COPIES, copy_offsets, crop_flip, image_seed
+    from editcore.core.locality import DEFAULT_COPIES, copy_offsets, crop_flip, image_seed
 
     views = {spec.offset for spec in view_specs() if spec.offset is not None}
     assert len(views) == 9  # 4 crops, the flip, 4 shifts

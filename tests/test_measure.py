@@ -1,4 +1,4 @@
-"""The Measure tab's library (editcore.measure): the protocol's sets and editors as evaluate-edits builds them,
+"""The Measure tab's library (editcore.lab.measure): the protocol's sets and editors as evaluate-edits builds them,
 settings checks, the result cache, one run per session, cancelling, and a run on a model's replicas."""
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from editcore import EditRecord, ImageSet, SettingsError, SharedModel, create_editor, load_sample, summarize
-from editcore.measure import (MAX_EDITS, MIN_EDITS, MeasureCancelled, MeasureSettings, ProtocolRuns, ResultCache,
-                              cached_rows, edits_csv, measure, protocol_editor, protocol_sets, results_json, summary_csv)
+from editcore.lab.measure import (MAX_EDITS, MIN_EDITS, MeasureCancelled, MeasureSettings, ProtocolRuns, ResultCache,
+                                  cached_rows, edits_csv, measure, protocol_editor, protocol_sets, results_json,
+                                  summary_csv)
 
 from app_support import SHIPPED
 
@@ -156,7 +157,7 @@ def test_between_two_edits_a_run_holds_no_replica(small_models):
 
 def test_corrections_are_capped_by_each_models_mistakes_and_nae_edits_the_nae_set(small_models):
     from editcore import full_logits
-    from editcore.nae import load_nae
+    from editcore.experiments.nae import load_nae
 
     models, heldout = small_models
     shared = models["baseline"]

@@ -6,7 +6,7 @@ import torch
 
 from editcore import (EditableModel, EditRecord, HeldOutEvaluator, create_editor, draw_edits, edit, evaluate_edits,
                       normalize, summarize)
-from editcore.heldout import MARGIN_ABS, MARGIN_REL, unsure_rows
+from editcore.core.heldout import MARGIN_ABS, MARGIN_REL, unsure_rows
 
 from conftest import make_tiny
 
@@ -168,7 +168,7 @@ def test_mixed_precision_predicts_float32s_classes_before_and_after_an_edit(resn
 
 def test_bfloat16_is_native_only_on_a_cpu_that_lists_its_instructions(monkeypatch):
     """oneDNN runs bfloat16 on any AVX-512 CPU, emulated and slower than float32 there: such a CPU gets float32."""
-    from editcore import heldout
+    from editcore.core import heldout
 
     onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     monkeypatch.setattr(heldout, "x86_cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512bw", "avx512_vnni"}))

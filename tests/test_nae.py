@@ -11,10 +11,10 @@ from torch import nn
 
 from editcore import ImageSet, load_checkpoint, save_checkpoint
 from editcore.cli import main
-from editcore.data import MEAN, STD, load_cifar10
-from editcore.models import create_model
-from editcore.nae import (HELDOUT, NAE_POOL, build_nae_set, heldout_part, load_nae, pool_part, rank_distribution,
-                          rank_histogram, save_nae, true_label_ranks)
+from editcore.core.data import MEAN, STD, load_cifar10
+from editcore.core.models import create_model
+from editcore.experiments.nae import (HELDOUT, NAE_POOL, build_nae_set, heldout_part, load_nae, pool_part,
+                                      rank_distribution, rank_histogram, save_nae, true_label_ranks)
 
 
 class LookupModel(nn.Module):
@@ -184,7 +184,7 @@ def write_jpegs(root, wnids, per_class=2):
 
 @pytest.fixture
 def imagenet_a_folder(tmp_path):
-    from editcore.imagenet_a import WNIDS
+    from editcore.experiments.imagenet_a import WNIDS
 
     root = write_jpegs(tmp_path / "imagenet-a", [WNIDS[0], WNIDS[38], WNIDS[199]])
     (root / "n00000000").mkdir()  # not an ImageNet-A class: skipped
@@ -193,7 +193,7 @@ def imagenet_a_folder(tmp_path):
 
 
 def test_imagenet_a_mapping_is_the_official_200_classes():
-    from editcore.imagenet_a import INDICES_IN_1K, WNIDS, labels_to_200, logits_to_200
+    from editcore.experiments.imagenet_a import INDICES_IN_1K, WNIDS, labels_to_200, logits_to_200
 
     assert len(WNIDS) == len(set(WNIDS)) == 200 and len(INDICES_IN_1K) == 200
     mapping = dict(zip(WNIDS, INDICES_IN_1K))  # spot checks against ImageNet-1k's class order
@@ -205,7 +205,7 @@ def test_imagenet_a_mapping_is_the_official_200_classes():
 
 
 def test_imagenet_a_loader_reads_resizes_and_labels_a_synthetic_folder(imagenet_a_folder):
-    from editcore.imagenet_a import class_folders, imagenet_normalize, load_imagenet_a, read_folder
+    from editcore.experiments.imagenet_a import class_folders, imagenet_normalize, load_imagenet_a, read_folder
 
     known, other = class_folders(imagenet_a_folder)
     assert len(known) == 3 and other == ["n00000000"]
@@ -219,7 +219,7 @@ def test_imagenet_a_loader_reads_resizes_and_labels_a_synthetic_folder(imagenet_
 def test_imagenet_a_loader_centre_crops(tmp_path):
     from PIL import Image
 
-    from editcore.imagenet_a import WNIDS, read_folder
+    from editcore.experiments.imagenet_a import WNIDS, read_folder
 
     (tmp_path / WNIDS[0]).mkdir()
     stripes = np.zeros((200, 300, 3), dtype=np.uint8)
@@ -238,8 +238,8 @@ def tiny_torchvision_resnet():
 
 
 def test_staged_torchvision_resnet_matches_the_original_on_the_200_classes():
-    from editcore.data import normalize
-    from editcore.imagenet_a import StagedTorchvisionResNet, imagenet_normalize, logits_to_200
+    from editcore.core.data import normalize
+    from editcore.experiments.imagenet_a import StagedTorchvisionResNet, imagenet_normalize, logits_to_200
 
     resnet = tiny_torchvision_resnet()
     staged = StagedTorchvisionResNet(resnet).eval()
@@ -252,7 +252,7 @@ def test_staged_torchvision_resnet_matches_the_original_on_the_200_classes():
 @pytest.mark.slow
 def test_imagenet_a_nae_edits_end_to_end_on_a_synthetic_folder(imagenet_a_folder, tmp_path):
     from editcore import create_editor
-    from editcore.imagenet_a import WNIDS, StagedTorchvisionResNet, run_nae_edits
+    from editcore.experiments.imagenet_a import WNIDS, StagedTorchvisionResNet, run_nae_edits
 
     heldout = write_jpegs(tmp_path / "heldout", [WNIDS[38], WNIDS[100]], per_class=2)
     summary, records = run_nae_edits(StagedTorchvisionResNet(tiny_torchvision_resnet()), imagenet_a_folder, heldout,
@@ -276,7 +276,7 @@ def test_build_nae_end_to_end_on_a_synthetic_data_root(tmp_path, capsys, monkeyp
     images so the pool (test 5000-5119) is small."""
     import pickle
 
-    from editcore.nae import filter_predictions
+    from editcore.experiments.nae import filter_predictions
 
     gen = np.random.default_rng(0)
     batch_dir = tmp_path / "cifar10" / "cifar-10-batches-py"

@@ -104,7 +104,7 @@ def test_guardrail_rolls_back_an_edit_that_costs_too_much(ws):
 
 
 def test_an_edit_tells_its_outcome_then_exact_held_out_figures_part_by_part(ws, lab, monkeypatch):
-    from editcore import session as session_module
+    from editcore.lab import session as session_module
 
     monkeypatch.setattr(session_module, "FIRST_SCORED_ROWS", 400)  # the sample in two parts, as the 10,000 images are
     item = first_misclassified(ws)
@@ -406,7 +406,7 @@ class Clock:
 
 
 def registry_with_clock(lab, **limits):
-    from editcore.workspace import WorkspaceRegistry
+    from editcore.lab.workspace import WorkspaceRegistry
 
     clock = Clock()
     return WorkspaceRegistry(lab, keep_seconds=600, idle_seconds=3600, clock=clock, **limits), clock
@@ -519,7 +519,7 @@ def test_mixed_precision_held_out_predictions_equal_float32(lab):
 
 def test_a_missing_checkpoint_is_a_note_and_an_nae_set_a_source(lab, tmp_path):
     from editcore import SOURCE_NAE, Lab
-    from editcore.nae import save_nae
+    from editcore.experiments.nae import save_nae
 
     nae = save_nae(tmp_path / "nae.npz", lab.sources[SOURCE_TEST].subset(torch.arange(40, 60)), {"note": "test"})
     present = lab.models["baseline"].path
@@ -572,7 +572,7 @@ def test_a_log_refused_anywhere_leaves_the_session_as_it_was(ws, mutate, message
 
 
 def test_a_replay_that_fails_midway_leaves_the_session_as_it_was(ws, monkeypatch):
-    from editcore.session import EditSession
+    from editcore.lab.session import EditSession
 
     session = two_edits(ws)
     history, params = list(session.history), dict(session.params)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from editcore.torchrun import Ranks
+from editcore.experiments.torchrun import Ranks
 
 ROOT = Path(__file__).resolve().parent.parent
 BASELINE = ROOT / "assets" / "resnet20_baseline.safetensors"

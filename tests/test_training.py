@@ -12,8 +12,8 @@ import torch
 
 from editcore import TrainConfig, create_editor, load_checkpoint, train
 from editcore.cli import main
-from editcore.train_state import load_state, save_state
-from editcore.training import recipe_config
+from editcore.experiments.train_state import load_state, save_state
+from editcore.experiments.training import recipe_config
 
 from conftest import make_tiny, tiny_images
 
@@ -223,7 +223,7 @@ def test_the_locality_term_compares_the_edited_model_with_the_training_forward(r
     import copy
 
     from editcore import EditableModel, normalize
-    from editcore.training import kl_div, train_step
+    from editcore.experiments.training import kl_div, train_step
 
     config = TrainConfig(**TINY, editable=True, editor="gd", loc_reference=reference).resolved()
     model = make_tiny()

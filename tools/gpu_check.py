@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from editcore import (EditSession, EditSettings, ImageRef, SharedModel, draw_edits, load_cifar10,  # noqa: E402
                       load_sample, resolve_data_root)
-from editcore.heldout import native_bfloat16  # noqa: E402
+from editcore.core.heldout import native_bfloat16  # noqa: E402
 
 BASELINE = ROOT / "assets" / "resnet20_baseline.safetensors"
 

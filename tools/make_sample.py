@@ -4,7 +4,7 @@
 """
 import numpy as np
 
-from editcore.data import SAMPLE_PATH, load_cifar10
+from editcore.core.data import SAMPLE_PATH, load_cifar10
 
 N = 1000
 test = load_cifar10("test")

@@ -7,7 +7,7 @@ anchors that keep edits local. 200 images per class, chosen by a seeded permutat
 """
 import numpy as np
 
-from editcore.data import TRAIN_SAMPLE_PATH, load_cifar10
+from editcore.core.data import TRAIN_SAMPLE_PATH, load_cifar10
 
 PER_CLASS, SEED = 200, 0
 train = load_cifar10("train")

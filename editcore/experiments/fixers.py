@@ -20,11 +20,11 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .data import ImageSet, load_train_sample
-from .edit import EditableModel, EditResult, edit, eval_mode, is_success, model_domain
-from .editors import Editor, Params
-from .heldout import HeldOutEvaluator, full_logits, inference_input
-from .models import StagedNet, editable_names
+from ..core.data import ImageSet, load_train_sample
+from ..core.edit import EditableModel, EditResult, edit, eval_mode, is_success, model_domain
+from ..core.editors import Editor, Params
+from ..core.heldout import HeldOutEvaluator, full_logits, inference_input
+from ..core.models import StagedNet, editable_names
 
 FIXERS = ("editor", "finetune", "lookup-exact", "lookup-nn")
 # Fine-tuning's defaults everywhere (library, CLI, compare view), tuned on the C protocol (corrections of the

@@ -24,15 +24,15 @@ from typing import Callable, Iterator
 
 import torch
 
-from .augment_views import DEFAULT_VIEWS_SEED
-from .data import ASSETS, ImageSet
-from .editors import EDITORS, Editor, create_editor
-from .fixers import EditorFixer
-from .locality import DEFAULT_EDITOR
-from .heldout import EVAL_BATCH, HeldOutEvaluator, full_logits
-from .metrics import evaluate_edits
-from .nae import heldout_part
-from .nae import HELDOUT as NAE_HELDOUT
+from ..core.augment_views import DEFAULT_VIEWS_SEED
+from ..core.data import ASSETS, ImageSet
+from ..core.editors import EDITORS, Editor, create_editor
+from ..experiments.fixers import EditorFixer
+from ..core.locality import DEFAULT_EDITOR
+from ..core.heldout import EVAL_BATCH, HeldOutEvaluator, full_logits
+from ..experiments.metrics import evaluate_edits
+from ..experiments.nae import heldout_part
+from ..experiments.nae import HELDOUT as NAE_HELDOUT
 from .session import SettingsError, SharedModel, whole_number
 
 # --protocol of evaluate-edits -> draw_edits' target kind.
@@ -481,7 +481,7 @@ def edits_csv(rows: list[MeasureRow]) -> str:
 def results_json(rows: list[MeasureRow], command: str, commit: str | None = None, **extra) -> dict:
     """The rows as a results file: what `ResultCache.load` reads and the tab's JSON download. `commit`: the code's
     git commit when the run started (default: now)."""
-    from .checkpoint import git_commit
+    from ..core.checkpoint import git_commit
 
     return {"format": RESULTS_FORMAT, "version": RESULTS_VERSION, "command": command, "git_commit": commit or git_commit(),
             "torch": torch.__version__, "threads": torch.get_num_threads(),

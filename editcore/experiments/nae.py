@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import ImageSet
-from .heldout import full_logits
+from ..core.data import ASSETS, ImageSet
+from ..core.heldout import full_logits
 
 HELDOUT = (0, 5000)  # test indices [start, stop): drawdown is measured here; holds the pixel-exact 0-999
 NAE_POOL = (5000, 10000)  # test indices [start, stop): filtration candidates
@@ -27,7 +27,7 @@ SPLIT_DEFINITION = {"heldout_test_indices": list(HELDOUT), "pool_test_indices": 
                     "note": "half-open ranges of CIFAR-10 test indices"}
 RANK_KERNEL = (0.1, 0.2, 0.4, 0.2, 0.1)
 SOURCE = "cifar10-nae"
-DEFAULT_PATH = Path(__file__).resolve().parent.parent / "assets" / "cifar10_nae.npz"
+DEFAULT_PATH = ASSETS / "cifar10_nae.npz"
 
 
 def _in_range(images: ImageSet, bounds: tuple[int, int]) -> ImageSet:

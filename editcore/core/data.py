@@ -2,7 +2,7 @@
 
 Images travel as uint8 tensors of shape (N, 3, 32, 32); `normalize` and `augment` turn them into
 model inputs on whatever device they live on, so a whole split can sit on the GPU. Other image folders
-(any size, any classes) are read by `editcore.images`; their `Domain` says what CIFAR10 says here.
+(any size, any classes) are read by `editcore.core.images`; their `Domain` says what CIFAR10 says here.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ CLASSES, MEAN, STD = CIFAR10.classes, CIFAR10.mean, CIFAR10.std
 BATCH_DIR = "cifar-10-batches-py"
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCHES = ("test_batch",)
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ASSETS = Path(__file__).resolve().parents[2] / "assets"  # editcore/core/data.py -> the repository root
 SAMPLE_PATH = ASSETS / "cifar10_test_sample.npz"
 TRAIN_SAMPLE_PATH = ASSETS / "cifar10_train_sample.npz"
 TRAIN_SAMPLE_SOURCE = "cifar10-train-sample"  # ImageSet.source of the shipped training sample

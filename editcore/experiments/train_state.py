@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import header_metadata
+from ..core.checkpoint import header_metadata
 
 FORMAT = "editlab-train-state/1"
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from .data import ImageSet, load_cifar10, load_sample, load_train_sample, resolve_data_root
-from .device import pick_device
-from .images import ImageError, decode_image
-from .nae import load_nae
+from ..core.data import ImageSet, load_cifar10, load_sample, load_train_sample, resolve_data_root
+from ..core.device import pick_device
+from ..core.images import ImageError, decode_image
+from ..experiments.nae import load_nae
 from .sources import FolderSetup
 from .session import (EditReport, EditSession, EditSettings, ImageRef, SettingsError, SharedModel, parse_log,
                       whole_number)

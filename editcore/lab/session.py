@@ -28,16 +28,16 @@ from typing import Callable, Iterator
 
 import torch
 
-from .augment_views import augmented_views, view_specs
-from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from .data import ImageSet
-from .domain import CIFAR10
-from .device import arithmetic, arithmetic_differences
-from .edit import EditableModel, edit, eval_mode, model_domain
-from .editors import EDITORS, Editor, Params, create_editor
-from .locality import DEFAULT_EDITOR
-from .heldout import EVAL_BATCH, HeldOutEvaluator, full_logits, native_bfloat16
-from .models import default_editable_prefix, weight_layer_names
+from ..core.augment_views import augmented_views, view_specs
+from ..core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from ..core.data import ImageSet
+from ..core.domain import CIFAR10
+from ..core.device import arithmetic, arithmetic_differences
+from ..core.edit import EditableModel, edit, eval_mode, model_domain
+from ..core.editors import EDITORS, Editor, Params, create_editor
+from ..core.locality import DEFAULT_EDITOR
+from ..core.heldout import EVAL_BATCH, HeldOutEvaluator, full_logits, native_bfloat16
+from ..core.models import default_editable_prefix, weight_layer_names
 
 LOG_FORMAT = "editlab-edit-log"
 LOG_VERSION = 2  # 2: "arithmetic"; held-out figures leave out the images the session edited

@@ -35,12 +35,12 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from .data import ImageSet, augment, normalize
-from .edit import EditableModel, edit, edit_loss, eval_mode
-from .editors import EDITORS, Editor, create_editor
-from .heldout import HeldOutEvaluator
+from ..core.data import ImageSet, augment, normalize
+from ..core.edit import EditableModel, edit, edit_loss, eval_mode
+from ..core.editors import EDITORS, Editor, create_editor
+from ..core.heldout import HeldOutEvaluator
 from .metrics import evaluate_edits
-from .models import StagedNet, create_model, default_editable_prefix
+from ..core.models import StagedNet, create_model, default_editable_prefix
 from .train_state import save_state
 
 SCHEDULES = ("cosine", "constant")
@@ -107,7 +107,7 @@ class TrainConfig:
         if c.edit_targets not in ("random", "match-ranks"):
             raise ValueError("edit_targets must be 'random' or 'match-ranks'")
         if c.edit_targets == "match-ranks" and not c.rank_probs:
-            raise ValueError("match-ranks training needs rank_probs (see editcore.nae.rank_distribution)")
+            raise ValueError("match-ranks training needs rank_probs (see editcore.experiments.nae.rank_distribution)")
         return c
 
 

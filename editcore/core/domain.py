@@ -4,7 +4,7 @@ becomes one of them and how they are normalised.
 Every layer that turns pixels into model inputs or class indices into names reads these from the model's
 `Domain` (`model.domain`; the Lab's and a SharedModel's are that of their models) instead of module
 constants. `CIFAR10` is the embedded default; a torchvision model gets one from its weights' metadata
-or from flags (`editcore.torchvision_models`).
+or from flags (`editcore.core.torchvision_models`).
 """
 from __future__ import annotations
 

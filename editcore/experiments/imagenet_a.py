@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import MEAN as CIFAR_MEAN, STD as CIFAR_STD, DataError, ImageSet
-from .models import StagedNet
+from ..core.data import MEAN as CIFAR_MEAN, STD as CIFAR_STD, DataError, ImageSet
+from ..core.models import StagedNet
 
 # The 200 ImageNet-A wnids, sorted (ImageNet-A class i = WNIDS[i]), and each one's ImageNet-1k index.
 # Source: the official ImageNet-A evaluation (github.com/hendrycks/natural-adv-examples, eval.py:
@@ -184,8 +184,8 @@ def run_nae_edits(model: StagedNet, imagenet_a_dir: str | Path, heldout_dir: str
                   progress=None) -> tuple[dict, list]:
     """The NAE protocol on ImageNet-A: edits to the true label of ImageNet-A images, drawdown (200-way
     error) on `heldout_dir` (same <wnid>/*.jpg layout, e.g. ImageNet validation images; other classes skipped)."""
-    from .edit import EditableModel
-    from .heldout import HeldOutEvaluator
+    from ..core.edit import EditableModel
+    from ..core.heldout import HeldOutEvaluator
     from .metrics import evaluate_edits
 
     nae_set = as_nae_set(read_folder(imagenet_a_dir))

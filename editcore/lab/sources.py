@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import Checkpoint, load_checkpoint
-from .data import ImageSet
-from .domain import CIFAR10, Domain
-from .images import folder_class_names, load_image_folder, read_class_file, split_anchors
-from .torchvision_models import IMAGENET_MEAN, IMAGENET_STD, load_model, run_as
+from ..core.checkpoint import Checkpoint, load_checkpoint
+from ..core.data import ImageSet
+from ..core.domain import CIFAR10, Domain
+from ..core.images import folder_class_names, load_image_folder, read_class_file, split_anchors
+from ..core.torchvision_models import IMAGENET_MEAN, IMAGENET_STD, load_model, run_as
 
 EDITCORE = "editcore:"  # --model editcore:ARCH --weights CHECKPOINT: an editcore checkpoint on your images
 ANCHOR_SHARE = 0.2  # of the image folder set apart as anchors when no anchor folder is given

@@ -14,10 +14,10 @@ from typing import Callable
 
 import torch
 
-from .augment_views import augmented_views
-from .data import TRAIN_SAMPLE_SOURCE, ImageSet
-from .editors import EDITORS
-from .fixers import FINETUNE_DEFAULTS, EditorFixer, FinetuneFixer, Fixer, LookupFixer
+from ..core.augment_views import augmented_views
+from ..core.data import TRAIN_SAMPLE_SOURCE, ImageSet
+from ..core.editors import EDITORS
+from ..experiments.fixers import FINETUNE_DEFAULTS, EditorFixer, FinetuneFixer, Fixer, LookupFixer
 from .session import SettingsError, SharedModel
 
 

@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Callable, ContextManager
 import numpy as np
 import torch
 
-from .augment_views import DEFAULT_VIEWS_SEED, augmented_views, generalization, view_families
-from .data import ImageSet
-from .edit import EditableModel
-from .editors import Editor
+from ..core.augment_views import DEFAULT_VIEWS_SEED, augmented_views, generalization, view_families
+from ..core.data import ImageSet
+from ..core.edit import EditableModel
+from ..core.editors import Editor
 from .fixers import EditorFixer, Fixer
-from .heldout import HeldOutEvaluator
+from ..core.heldout import HeldOutEvaluator
 
 if TYPE_CHECKING:
     from .torchrun import Ranks
@@ -142,7 +142,7 @@ def evaluate_edits(
     its share; rank 0 gathers the records in draw order and returns the summary, the others (None, []).
     `predictions`: the model's classes on `edit_set`, which targets='corrections' draws from.
     `hold`: entered around each edit, it gives the (fixer, held-out evaluator) that edit runs on, so a
-    server can lend one of a model's identical replicas per edit (editcore.measure); default: `fixer` and
+    server can lend one of a model's identical replicas per edit (editcore.lab.measure); default: `fixer` and
     `heldout` for every edit. `progress(done, total)` after each edit; an exception it raises stops the run."""
     fixer = fixer or EditorFixer(editable, editor, max_steps)
     hold = hold or (lambda: contextlib.nullcontext((fixer, heldout)))
