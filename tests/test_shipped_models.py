@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from editcore import (DEFAULT_EDITOR, EditableModel, HeldOutEvaluator, create_editor, draw_edits, edit, evaluate_edits,
-                      full_logits, load_checkpoint, load_sample, normalize, read_card)
+from editcore import (EditableModel, EditSession, EditSettings, HeldOutEvaluator, ImageRef, SharedModel, create_editor,
+                      evaluate_edits, full_logits, load_checkpoint, load_sample, read_card)
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BASELINE = ASSETS / "resnet20_baseline.safetensors"
@@ -22,7 +22,7 @@ EDITABLE = ASSETS / "resnet20_editable.safetensors"
 # edits: 9.58% vs 7.99%, as far apart as at 150 (paired difference per edit 1.60 +- 0.46 points, standard error),
 # for two thirds of the time (docs/PERFORMANCE.md "tests").
 N_EDITS = 100
-SESSION_DROP_BOUND = 1.0  # points of held-out accuracy after ten default corrections in a row
+SESSION50_DROP_BOUND = 1.0  # points of held-out accuracy after fifty default corrections in a row (measured: 0.53)
 
 pytestmark = pytest.mark.skipif(not (BASELINE.exists() and EDITABLE.exists()), reason="shipped checkpoints missing")
 
@@ -61,33 +61,23 @@ def test_editable_training_lowers_drawdown_on_the_same_edits():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", [BASELINE, EDITABLE])
-def test_default_edits_correct_sample_images_locally(path):
-    """The page's default editor (local) on ten corrections of the sample in one session: each succeeds,
-    all ten still hold at the end, and held-out accuracy on the other images stays within a bound
-    (measured on these ten: see docs/LOCALITY.md; plain RMSProp on layer3 loses several points)."""
-    checkpoint = load_checkpoint(path)
-    editor = create_editor(DEFAULT_EDITOR)
-    editable = EditableModel(checkpoint.model, editor.default_layers)
+def test_fifty_corrections_in_one_session_hold_and_cost_little():
+    """The page's defaults (the local editor on layer3, the editable-trained model) through EditSession: fifty
+    corrections of the sample in a row are all kept, all still hold at the end, and held-out accuracy on the 950
+    images the session did not edit stays within SESSION50_DROP_BOUND points (docs/LOCALITY.md, "Sessions of 50
+    and 200"; one conv, the default before issue 22, lost ~3 points over 50 corrections)."""
     sample = load_sample()
-    heldout = HeldOutEvaluator(editable, sample.images, sample.labels)
-    rows, targets = draw_edits(sample, 10, seed=0, targets="corrections", predictions=heldout.base_predictions)
-    others = torch.ones(len(sample), dtype=torch.bool)
-    others[rows] = False
-    accuracy = lambda predictions: float((predictions[others] == sample.labels[others]).float().mean())  # noqa: E731
-    base, params, kept = accuracy(heldout.base_predictions), {}, []
-    for row, target in zip(rows, targets):
-        keep = (editable.features(normalize(sample.images[kept])), torch.tensor(targets[: len(kept)])) if kept else None
-        result = edit(editable, normalize(sample.images[row : row + 1]), torch.tensor([target]), editor,
-                      editor.default_max_steps, params=params or None, keep=keep)
-        assert result.success
-        params = result.params
-        kept.append(row)
-    with torch.no_grad():
-        final = editable.logits(normalize(sample.images[rows]), params).argmax(1)
-    assert final.tolist() == targets
-    drop = 100 * (base - accuracy(heldout.predict(params)))
-    assert drop <= SESSION_DROP_BOUND, drop
+    session = EditSession(SharedModel("editable", EDITABLE, sample))
+    wrong = torch.nonzero(session.heldout_probs.argmax(1) != sample.labels).view(-1)
+    rows = wrong[torch.randperm(len(wrong), generator=torch.Generator().manual_seed(0))[:50]].tolist()
+    for row in rows:
+        report = session.apply(sample.images[row : row + 1], [int(sample.labels[row])], EditSettings(),
+                               [ImageRef("test", row)])
+        assert report.applied and report.settings.layers == "layer3", report.message
+    assert report.n_heldout == len(sample) - 50 and report.corrections_held == 50
+    assert session.probabilities(sample.images[rows]).argmax(1).tolist() == sample.labels[rows].tolist()
+    drop = 100 * (report.heldout_accuracy_base - report.heldout_accuracy_after)
+    assert drop <= SESSION50_DROP_BOUND, drop
 
 
 # Test #59 (a frog both shipped models call a cat), the correction issue 13 reproduced in the app's compare view:
