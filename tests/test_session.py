@@ -696,5 +696,5 @@ def test_replicas_run_edits_at_once_with_the_results_of_one_at_a_time(lab):
         assert applied and twin_applied and torch.equal(probs, twin_probs)
         assert params.keys() == twin_params.keys() and all(torch.equal(params[k], twin_params[k]) for k in params)
     # What depends only on the base weights (the local editor's anchor subspace) is computed once for all copies.
-    first, second = (twins.editable("layer3.0.conv1", replica) for replica in twins.replicas)
+    first, second = (twins.editable(twins.layers_for("local"), replica) for replica in twins.replicas)
     assert first.model is not second.model and first.cache is second.cache and len(first.cache["_anchor_subspaces"]) == 1
