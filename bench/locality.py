@@ -20,7 +20,8 @@ counts those (`already`) and gives the mean drop over the others (`drop_needed`)
 
 A method is EDITOR@LAYERS[,key=value...]: EDITOR is a gradient editor (rmsprop, gd, momentum, adam;
 keys lr, steps) or `local` (editcore.core.locality; keys energy, margin, copies, steps, keep=0/1 for
-session constraints, protect=S to keep steps away from earlier corrections' inputs, anchors=N, ridge=R for the soft
+session constraints, protect=S to keep steps away from earlier corrections' inputs, anchors=N (the training sample's first N
+images instead of the statistics stored for the model, `--anchor-stats`), ridge=R for the soft
 projector). Prints one table; `--json FILE` writes every number.
 """
 from __future__ import annotations
@@ -39,9 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from editcore import (EditableModel, HeldOutEvaluator, ImageSet, augmented_views, create_editor, edit,  # noqa: E402
                       load_checkpoint, load_cifar10, load_train_sample, normalize, resolve_data_root)
+from editcore.core.anchor_stats import shipped_covariances  # noqa: E402
 from editcore.core.heldout import full_logits  # noqa: E402
 from editcore.core.locality import (DEFAULT_COPIES, DEFAULT_ENERGY, DEFAULT_MARGIN, DEFAULT_MAX_STEPS,  # noqa: E402
-                                    AnchorSubspace, local_edit)
+                                    AnchorSubspace, local_edit, local_weight_names)
 from editcore.experiments.metrics import draw_edits  # noqa: E402
 
 EXACT_TEST = 1000  # test images 0-999 are pixel-exact in the project's copy of CIFAR-10
@@ -69,15 +71,18 @@ class Method:
 class Runner:
     """One method on one model: edit(x, target, params, keep) and predictions, all from cached features."""
 
-    def __init__(self, method: Method, model, anchors: ImageSet, device):
+    def __init__(self, method: Method, model, anchors: ImageSet, device, stats_dir: Path | None = None):
         self.method, self.model = method, model
         self.editable = EditableModel(model, method.layers)
         opts = method.options
         self.steps = int(opts.get("steps", DEFAULT_MAX_STEPS if method.editor == "local" else 20))
         if method.editor == "local":
+            # As the page: the statistics stored for these weights unless anchors=N asks for the sample's first N.
+            stored = None if "anchors" in opts else shipped_covariances(model, local_weight_names(self.editable), stats_dir)
             count = int(opts.get("anchors", len(anchors)))
             self.subspace = AnchorSubspace(self.editable, normalize(anchors.images[:count].to(device)),
-                                           energy=opts.get("energy", DEFAULT_ENERGY), ridge=opts.get("ridge"))
+                                           energy=opts.get("energy", DEFAULT_ENERGY), ridge=opts.get("ridge"),
+                                           covariances=stored and stored[0], about=stored and stored[1])
         else:
             self.editor = create_editor(method.editor, lr=opts.get("lr")).to(device)
 
@@ -129,8 +134,10 @@ def session(runner: Runner, heldout: HeldOutEvaluator, indices, edits: ImageSet,
     its target, or that would leave an earlier kept correction wrong, is rolled back. `held` counts, of all K
     corrections asked for, those the final model predicts right; `kept_curve` the kept ones holding after each.
     `accuracy_curve` is scored after every `score_every`-th correction and after the last (None elsewhere), so a
-    long session on the full test set does not pay a 10,000-image re-evaluation per correction."""
-    params, keep, curve, kept, gains, successes, rolled_back, seconds = {}, [], [], [], [], [], [], []
+    long session on the full test set does not pay a 10,000-image re-evaluation per correction. `change_curve`: the
+    session's total change after each correction, |sum of its edits| / |edited weights| (a change budget's measure)."""
+    params, keep, curve, kept, gains, successes, rolled_back, seconds, changes = {}, [], [], [], [], [], [], [], []
+    base_params = runner.editable.frozen_base_params()
     exclude = {int(edits.indices[r]) for r in rows}
     base = accuracy(heldout, indices, heldout.base_predictions, exclude)
     for position, (row, target) in enumerate(zip(rows, targets), 1):
@@ -150,12 +157,21 @@ def session(runner: Runner, heldout: HeldOutEvaluator, indices, edits: ImageSet,
         curve.append(accuracy(heldout, indices, heldout.predict(params), exclude) if scored else None)
         kept.append(int((runner.predict(torch.cat([k[0] for k in keep]), params).cpu() ==
                          torch.tensor([k[1] for k in keep])).sum()) if keep else 0)
+        changes.append(relative_change(params, base_params))
     asked = edits.images[torch.as_tensor(rows)]
     held = int((runner.predict(asked, params).cpu() == torch.as_tensor(targets).cpu()).sum())
     return {"base_accuracy": base, "accuracy_curve": curve, "kept_curve": kept, "final_drop": 100 * (base - curve[-1]),
             "kept": kept[-1], "held": held, "rolled_back": sum(rolled_back), "n": len(rows),
             "success_rate": sum(successes) / len(successes), "generalization": statistics.mean(gains),
-            "edit_seconds": seconds}
+            "edit_seconds": seconds, "change_curve": changes}
+
+
+def relative_change(params, base_params) -> float:
+    """|params - base| / |base| over the tensors `params` replaces (0 for the unedited model)."""
+    if not params:
+        return 0.0
+    moved = sum(float((params[n] - base_params[n]).double().pow(2).sum()) for n in params)
+    return (moved / sum(float(base_params[n].double().pow(2).sum()) for n in params)) ** 0.5
 
 
 def summarize(records: list[dict]) -> dict:
@@ -186,6 +202,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--heldout", default="exact", choices=["exact", "full"])
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--anchor-stats", type=Path, default=None,
+                        help="the local editor's stored anchor statistics from this folder (default: assets/anchor_stats)")
     parser.add_argument("--score-every", type=int, default=1, help="S: held-out accuracy after every K-th correction")
     parser.add_argument("--json", default=None, help="write every record here")
     args = parser.parse_args(argv)
@@ -211,14 +229,17 @@ def main(argv=None) -> int:
     draws = {"R": draw_edits(edits, args.n, args.seed, "other"),
              "C": draw_edits(edits, args.n, args.seed, "corrections", predictions=wrong_predictions)}
     print(f"edit source: {edits.source} ({len(edits)} images, {int(mistakes.sum())} wrong for every model); "
-          f"held-out: {len(heldout_set)} images; anchors: {len(anchors)} training images", flush=True)
+          f"held-out: {len(heldout_set)} images; anchors: {len(anchors)} training images, or the statistics stored for "
+          f"the model", flush=True)
     results = []
     for name, model in models.items():
         for method in methods:
             started = time.perf_counter()
-            runner = Runner(method, model, anchors, device)
+            runner = Runner(method, model, anchors, device, args.anchor_stats)
             heldout = HeldOutEvaluator(runner.editable, heldout_set.images, heldout_set.labels)
             row = {"model": name, "method": method.spec}
+            if method.editor == "local":
+                row["anchors"] = runner.subspace.about
             for protocol in args.protocols:
                 if protocol in draws:
                     records = single_edits(runner, heldout, heldout_set.indices, edits, *draws[protocol])

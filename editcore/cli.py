@@ -22,7 +22,8 @@ from .core.edit import EditableModel
 from .core.editors import EDITORS, create_editor
 from .core.heldout import HeldOutEvaluator, full_logits
 from .core.images import load_image_folder
-from .core.locality import DEFAULT_EDITOR
+from .core.anchor_stats import ANCHOR_STATS_DIR, anchor_covariances, save_anchor_stats
+from .core.locality import DEFAULT_EDITOR, LocalEditor, local_weight_names
 from .core.models import MODELS, create_model
 from .experiments import nae as nae_mod
 from .experiments.fixers import (FINETUNE_DEFAULT_LR, FINETUNE_DEFAULTS, FIXERS, LOOKUP_DEFAULT_THRESHOLD, EditorFixer,
@@ -417,6 +418,40 @@ def cmd_imagenet_a_edits(args) -> int:
     return 0
 
 
+def cmd_anchor_stats(args) -> int:
+    """The local editor's anchor statistics for a checkpoint, written where it finds them (`core.anchor_stats`)."""
+    device = pick_device(args.device)
+    ckpt = load_checkpoint(args.checkpoint, device)
+    editable = EditableModel(ckpt.model, args.layers or ckpt.card.get("local_layer") or LocalEditor.default_layers)
+    names = local_weight_names(editable)
+    if args.data_root:
+        images, passes = data_mod.load_cifar10("train", args.data_root).images, args.passes
+        anchors = f"the CIFAR-10 training set ({len(images)} images), {passes} augmented (crop/flip) copies of each"
+    else:
+        if args.passes != 1:
+            raise ValueError("--passes needs --data-root: the training sample's statistics are the images themselves")
+        images, passes = data_mod.load_train_sample().images, 1
+        anchors = f"the shipped training sample ({len(images)} images), as they are"
+    generator = torch.Generator().manual_seed(args.seed)
+
+    def batches():
+        for _ in tqdm(range(passes), desc="passes", disable=passes == 1):
+            for i in tqdm(range(0, len(images), args.batch_size), desc="anchor batches", leave=False):
+                batch = images[i : i + args.batch_size]
+                batch = data_mod.augment(batch, generator) if args.data_root else batch
+                yield ckpt.model.domain.normalize(batch.to(device))
+
+    started = time.perf_counter()
+    covariances, count = anchor_covariances(ckpt.model, names, batches())
+    out = Path(args.out or ANCHOR_STATS_DIR / f"{Path(args.checkpoint).stem}.safetensors")
+    save_anchor_stats(out, ckpt.model, covariances, {
+        "anchors": anchors, "images": count, "seed": args.seed, "checkpoint": Path(args.checkpoint).name,
+        "layers": editable.prefixes, "seconds": round(time.perf_counter() - started, 1),
+        "command": "python -m editcore " + shlex.join(args.argv)})
+    say(f"{out}: {len(names)} weights' input covariances over {count} images ({anchors})")
+    return 0
+
+
 def cmd_info(args) -> int:
     card = read_card(args.path)  # a missing or foreign file: main() reports it, exit status 2
     print(json.dumps(card, indent=2, sort_keys=True))
@@ -584,6 +619,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--records", default=None, help="write per-edit records (JSON) here")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_imagenet_a_edits)
+
+    p = sub.add_parser("anchor-stats", help="the local editor's anchor statistics for a checkpoint (assets/anchor_stats)")
+    add_common(p)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--layers", default=None, help="the local editor's layers (default: the checkpoint's, else layer3)")
+    p.add_argument("--passes", type=int, default=1, help="with --data-root: augmented copies of each training image")
+    p.add_argument("--seed", type=int, default=0, help="seeds the augmentation")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--out", default=None, help="default: assets/anchor_stats/<checkpoint name>.safetensors")
+    p.set_defaults(func=cmd_anchor_stats)
 
     p = sub.add_parser("info", help="print a checkpoint's model card")
     p.add_argument("path")

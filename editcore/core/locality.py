@@ -22,7 +22,6 @@ An edited model is still the base model plus a dict of replacement tensors (`Edi
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import time
 import zlib
@@ -30,6 +29,7 @@ import zlib
 import torch
 from torch import nn
 
+from .anchor_stats import anchor_covariances, owner, recording_inputs, shipped_covariances
 from .augment_views import view_specs
 from .data import load_train_sample
 from .edit import EditableModel, EditResult, eval_mode, logit_margins
@@ -68,35 +68,12 @@ def image_seed(images: torch.Tensor) -> int:
     return zlib.crc32(images.detach().cpu().contiguous().numpy().tobytes())
 
 
-def _owner(model: nn.Module, name: str) -> nn.Module:
-    return model.get_submodule(name.rsplit(".", 1)[0])
-
-
-@contextlib.contextmanager
-def recording_inputs(model: nn.Module, names: list[str]):
-    """While inside, every forward pass adds the input vectors of each weight in `names` (a conv's unfolded
-    k x k x c_in patches, a linear layer's rows) to sums[name] = sum of p p^T (float64) and counts[name]."""
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-
-    def hook(name: str, module: nn.Module):
-        def record(_module, args):
-            x = args[0].detach().double()  # float64: the low-energy tail is what matters
-            if isinstance(module, nn.Conv2d):
-                x = nn.functional.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
-                x = x.transpose(1, 2).reshape(-1, x.shape[1])  # (N * positions, c_in * k * k)
-            else:
-                x = x.reshape(-1, x.shape[-1])
-            sums[name] = sums.get(name, 0) + x.T @ x
-            counts[name] = counts.get(name, 0) + len(x)
-        return record
-
-    handles = [_owner(model, n).register_forward_pre_hook(hook(n, _owner(model, n))) for n in names]
-    try:
-        yield sums, counts
-    finally:
-        for handle in handles:
-            handle.remove()
+def local_weight_names(editable: EditableModel) -> list[str]:
+    """The weights the local editor changes: those of the Conv2d / Linear modules among the editable parameters."""
+    names = [n for n in editable.names if n.endswith(".weight") and isinstance(owner(editable.model, n), (nn.Conv2d, nn.Linear))]
+    if not names:
+        raise ValueError(f"no conv or linear weight among the editable parameters {editable.names[:4]}...")
+    return names
 
 
 class AnchorSubspace:
@@ -106,27 +83,29 @@ class AnchorSubspace:
     locally; `names` lists them (other editable parameters, e.g. batch norm, stay as they are).
     """
 
-    def __init__(self, editable: EditableModel, anchor_inputs: torch.Tensor, energy: float = DEFAULT_ENERGY,
-                 batch_size: int = 500, ridge: float | None = None):
+    def __init__(self, editable: EditableModel, anchor_inputs: torch.Tensor | None, energy: float = DEFAULT_ENERGY,
+                 batch_size: int = 500, ridge: float | None = None,
+                 covariances: dict[str, torch.Tensor] | None = None, about: dict | None = None):
+        """From normalised `anchor_inputs`, or from their `covariances` computed before (`anchor_stats`; `about`:
+        that file's metadata, kept as `self.about`)."""
         if not 0 < energy <= 1:
             raise ValueError(f"energy must be in (0, 1], got {energy}")
         if ridge is not None and not ridge > 0:
             raise ValueError(f"ridge must be > 0, got {ridge}")
-        model = editable.model
         self.energy, self.ridge = energy, ridge
-        self.names = [n for n in editable.names
-                      if n.endswith(".weight") and isinstance(_owner(model, n), (nn.Conv2d, nn.Linear))]
-        if not self.names:
-            raise ValueError(f"no conv or linear weight among the editable parameters {editable.names[:4]}...")
-        with recording_inputs(model, self.names) as (sums, counts), torch.no_grad(), eval_mode(model):
-            for i in range(0, len(anchor_inputs), batch_size):
-                model(anchor_inputs[i : i + batch_size])
+        self.names = local_weight_names(editable)
+        if covariances is None and anchor_inputs is None:
+            raise ValueError("an anchor subspace needs anchor inputs or their covariances")
+        self.about = about or {"anchors": f"{len(anchor_inputs)} images" if covariances is None else "given covariances"}
+        if covariances is None:
+            batches = (anchor_inputs[i : i + batch_size] for i in range(0, len(anchor_inputs), batch_size))
+            covariances = anchor_covariances(editable.model, self.names, batches)[0]
         self.projectors: dict[str, torch.Tensor] = {}
         self.dims: dict[str, tuple[int, int]] = {}  # (kept directions, input dimension)
         self.bases: dict[str, torch.Tensor] = {}  # hard cut: orthonormal basis of the subspace (float64)
         self.scales: dict[str, float] = {}  # mean eigenvalue of the anchors' covariance
         for name in self.names:
-            covariance = sums[name] / counts[name]
+            covariance = covariances[name]
             eigenvalues, eigenvectors = torch.linalg.eigh(covariance)  # ascending
             eigenvalues = eigenvalues.clamp(min=0)
             keep = int((eigenvalues.cumsum(0) <= energy * eigenvalues.sum()).sum())
@@ -280,7 +259,8 @@ class LocalEditor(Editor):
 
     Its `lr` is a multiplier of the Polyak step (1: close the linearised margin gap exactly). The
     anchor subspace of each EditableModel is computed on first use from `anchors` (default: the EditableModel's
-    own, else the shipped 2,000-image CIFAR-10 training sample) and cached on that EditableModel.
+    own; else the statistics shipped for exactly these weights, `anchor_stats`; else the shipped 2,000-image
+    CIFAR-10 training sample) and cached on that EditableModel.
     """
 
     name = "local"
@@ -310,9 +290,12 @@ class LocalEditor(Editor):
         if key not in cache:
             device = next(editable.model.parameters()).device
             anchors = self.anchors if self.anchors is not None else editable.anchors
-            if anchors is None:
-                anchors = load_train_sample().images
-            cache[key] = AnchorSubspace(editable, editable.domain.normalize(anchors.to(device)), self.energy)
+            shipped = shipped_covariances(editable.model, local_weight_names(editable)) if anchors is None else None
+            if shipped is not None:
+                cache[key] = AnchorSubspace(editable, None, self.energy, covariances=shipped[0], about=shipped[1])
+            else:
+                anchors = load_train_sample().images if anchors is None else anchors
+                cache[key] = AnchorSubspace(editable, editable.domain.normalize(anchors.to(device)), self.energy)
         return cache[key]
 
     def weights_changed(self, editable: EditableModel) -> None:

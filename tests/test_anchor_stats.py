@@ -1,0 +1,91 @@
+"""Stored anchor statistics: they round-trip, the local editor uses them only for the exact weights they were
+computed on, and the shipped files belong to the shipped checkpoints and match a recomputation."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from editcore import AnchorSubspace, EditableModel, create_editor
+from editcore.core import anchor_stats
+from editcore.core.anchor_stats import (anchor_covariances, read_about, recording_inputs, save_anchor_stats,
+                                        shipped_covariances, weights_fingerprint)
+from editcore.core.checkpoint import load_checkpoint
+from editcore.core.data import ASSETS, load_train_sample
+from editcore.core.locality import LocalEditor, local_weight_names
+
+from conftest import make_tiny
+
+ANCHORS = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+
+
+def stored(tmp_path, model, names, about=None):
+    covariances, images = anchor_covariances(model, names, ANCHORS.split(16))
+    save_anchor_stats(tmp_path / "tiny.safetensors", model, covariances, about or {"anchors": "test", "images": images})
+    return covariances
+
+
+def test_stored_statistics_give_the_subspace_of_the_anchors_themselves(tmp_path):
+    editable = EditableModel(make_tiny(), "body")
+    names = local_weight_names(editable)
+    covariances = stored(tmp_path, editable.model, names)
+    loaded, about = shipped_covariances(editable.model, names, tmp_path)
+    assert about["path"] == "tiny.safetensors" and about["images"] == len(ANCHORS)
+    for name in names:
+        assert torch.allclose(loaded[name], covariances[name], rtol=1e-6, atol=1e-9)
+        assert torch.equal(loaded[name], loaded[name].T)
+    fresh = AnchorSubspace(editable, ANCHORS, energy=0.3)
+    from_file = AnchorSubspace(editable, None, energy=0.3, covariances=loaded, about=about)
+    assert fresh.dims == from_file.dims and from_file.about["path"] == "tiny.safetensors"
+    for name in names:
+        assert torch.allclose(fresh.projectors[name], from_file.projectors[name], atol=1e-5)
+
+
+def test_the_local_editor_uses_statistics_only_for_the_weights_they_were_computed_on(tmp_path, monkeypatch):
+    model = make_tiny()
+    names = local_weight_names(EditableModel(model, "body"))
+    stored(tmp_path, model, names)
+    (tmp_path / "damaged.safetensors").write_bytes(b"not a safetensors file")  # skipped, not fatal
+    monkeypatch.setattr(anchor_stats, "ANCHOR_STATS_DIR", tmp_path)
+    subspace = create_editor("local").subspace(EditableModel(model, "body"))
+    assert subspace.about["path"] == "tiny.safetensors"
+
+    changed = make_tiny()
+    with torch.no_grad():
+        changed.body[1].running_mean[0] += 1e-6  # a buffer ahead of nothing edited still changes the key
+    assert weights_fingerprint(changed) != weights_fingerprint(model)
+    assert shipped_covariances(changed, names, tmp_path) is None
+    assert shipped_covariances(model, [*names, "head.2.weight"], tmp_path) is None  # a weight it does not cover
+
+
+def test_recorded_inputs_are_the_unfolded_patches(tmp_path):
+    model = make_tiny()
+    conv = model.body[0]
+    with torch.no_grad(), recording_inputs(model, ["body.0.weight"]) as (sums, counts):
+        features = model.stem(ANCHORS)
+        model(ANCHORS)
+    patches = torch.nn.functional.unfold(features.double(), 3, padding=1).transpose(1, 2).reshape(-1, conv.in_channels * 9)
+    assert counts["body.0.weight"] == len(patches) and torch.allclose(sums["body.0.weight"], patches.T @ patches)
+
+
+@pytest.mark.parametrize("model_name", ["resnet20_baseline", "resnet20_editable"])
+def test_the_shipped_statistics_are_the_shipped_models_and_match_a_recomputation(model_name):
+    """The page's two models open with stored statistics; their smallest matrix (layer3's 1x1 shortcut, cheap to
+    recompute) equals the covariance of that layer's inputs over the anchors the file names."""
+    model = load_checkpoint(ASSETS / f"{model_name}.safetensors").model
+    editable = EditableModel(model, LocalEditor.default_layers)
+    names = local_weight_names(editable)
+    covariances, about = shipped_covariances(model, names)
+    assert about["checkpoint"] == f"{model_name}.safetensors" and about["images"] >= 2000
+    assert json.loads(json.dumps(about))["command"].startswith("python -m editcore anchor-stats")
+    shortcut = "layer3.0.shortcut.0.weight"
+    assert about == read_about(anchor_stats.ANCHOR_STATS_DIR / about["path"]) | {"path": about["path"]}
+    images = load_train_sample().images
+    recomputed = anchor_covariances(model, [shortcut], model.domain.normalize(images).split(500))[0][shortcut]
+    if "training sample" in about["anchors"]:  # the same images: the same matrix
+        assert torch.allclose(covariances[shortcut], recomputed, rtol=1e-12, atol=0)
+    else:  # the training set with augmentation: the sample's estimate of the same matrix
+        assert float((covariances[shortcut] - recomputed).norm() / recomputed.norm()) < 0.1
+    eigenvalues = torch.linalg.eigvalsh(covariances[shortcut])
+    assert float(eigenvalues.min()) > -1e-6 * float(eigenvalues.max())  # a covariance: positive semi-definite
