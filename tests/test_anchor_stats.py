@@ -89,3 +89,21 @@ def test_the_shipped_statistics_are_the_shipped_models_and_match_a_recomputation
         assert float((covariances[shortcut] - recomputed).norm() / recomputed.norm()) < 0.1
     eigenvalues = torch.linalg.eigvalsh(covariances[shortcut])
     assert float(eigenvalues.min()) > -1e-6 * float(eigenvalues.max())  # a covariance: positive semi-definite
+
+
+def test_the_command_writes_statistics_the_editor_finds(tmp_path, capsys):
+    """`python -m editcore anchor-stats` on one cheap conv (layer3's 1x1 shortcut) of the shipped baseline: the file
+    it writes is found for those weights and holds the matrix the shipped file holds; a bad request exits 2."""
+    from editcore.cli import main
+
+    checkpoint = ASSETS / "resnet20_baseline.safetensors"
+    out = tmp_path / "stats" / "mine.safetensors"
+    assert main(["anchor-stats", "--checkpoint", str(checkpoint), "--layers", "layer3.0.shortcut", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    model = load_checkpoint(checkpoint).model
+    shortcut = "layer3.0.shortcut.0.weight"
+    written, about = shipped_covariances(model, [shortcut], out.parent)
+    assert about["layers"] == "layer3.0.shortcut" and about["command"].startswith("python -m editcore anchor-stats")
+    assert torch.equal(written[shortcut], shipped_covariances(model, [shortcut])[0][shortcut])
+    assert main(["anchor-stats", "--checkpoint", str(checkpoint), "--passes", "2", "--out", str(out)]) == 2
+    assert "--passes needs --data-root" in capsys.readouterr().err
