@@ -80,7 +80,7 @@ class Runner:
             # As the page: the statistics stored for these weights unless anchors=N asks for the sample's first N.
             stored = None if "anchors" in opts else shipped_covariances(model, local_weight_names(self.editable), stats_dir)
             count = int(opts.get("anchors", len(anchors)))
-            self.subspace = AnchorSubspace(self.editable, normalize(anchors.images[:count].to(device)),
+            self.subspace = AnchorSubspace(self.editable, None if stored else normalize(anchors.images[:count].to(device)),
                                            energy=opts.get("energy", DEFAULT_ENERGY), ridge=opts.get("ridge"),
                                            covariances=stored and stored[0], about=stored and stored[1])
         else:
