@@ -102,3 +102,25 @@ def test_the_command_writes_statistics_the_editor_finds(tmp_path, capsys):
     assert torch.equal(written[shortcut], shipped_covariances(model, [shortcut])[0][shortcut])
     assert main(["anchor-stats", "--checkpoint", str(checkpoint), "--passes", "2", "--out", str(out)]) == 2
     assert "--passes needs --data-root" in capsys.readouterr().err
+
+
+def test_the_training_sample_statistics_are_computed_once_per_process_for_the_same_weights(tmp_path, monkeypatch):
+    """Without stored statistics the local editor computes the training sample's; a second model object (a
+    replica, a second command in one process) on the same weights reuses them, and gets the very same subspace."""
+    from editcore.core import locality
+    from conftest import tiny_images
+
+    monkeypatch.setattr(anchor_stats, "ANCHOR_STATS_DIR", tmp_path)  # nothing stored
+    monkeypatch.setattr(locality, "_sample_covariances", locality.OrderedDict())
+    sample = tiny_images(48, seed=5)
+    monkeypatch.setattr(locality, "load_train_sample", lambda: sample)
+    editable = EditableModel(make_tiny(), "body")
+    direct = AnchorSubspace(editable, editable.domain.normalize(sample.images), energy=LocalEditor().energy)
+    calls = []
+    monkeypatch.setattr(locality, "anchor_covariances", lambda *a: calls.append(1) or anchor_covariances(*a))
+    first = create_editor("local").subspace(EditableModel(make_tiny(), "body"))
+    again = create_editor("local").subspace(EditableModel(make_tiny(), "body"))  # equal weights, a new object
+    assert len(calls) == 1 and again.about == first.about == {"anchors": "48 images"}
+    assert all(torch.equal(direct.projectors[n], again.projectors[n]) for n in direct.names)
+    create_editor("local").subspace(EditableModel(make_tiny(seed=1), "body"))  # other weights: computed
+    assert len(calls) == 2

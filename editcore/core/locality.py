@@ -23,13 +23,15 @@ An edited model is still the base model plus a dict of replacement tensors (`Edi
 from __future__ import annotations
 
 import copy
+import threading
 import time
 import zlib
+from collections import OrderedDict
 
 import torch
 from torch import nn
 
-from .anchor_stats import anchor_covariances, owner, recording_inputs, shipped_covariances
+from .anchor_stats import anchor_covariances, owner, recording_inputs, shipped_covariances, weights_fingerprint
 from .augment_views import view_specs
 from .data import load_train_sample
 from .edit import EditableModel, EditResult, eval_mode, logit_margins
@@ -42,6 +44,7 @@ DEFAULT_COPIES = 8  # random crop/flip copies of the edited image, edited with i
 DEFAULT_MAX_STEPS = 20
 MAX_HALVINGS = 8  # line search: a step is halved at most this often before the edit gives up
 KEEP_MARGIN = 1.0  # earlier corrections of a session are kept at least this far above the next class
+SAMPLE_COVARIANCES_KEPT = 4  # models whose training-sample covariances a process keeps (~18 MB each for layer3)
 
 
 def copy_offsets(count: int, seed: int) -> list[tuple[int, int, bool]]:
@@ -253,6 +256,29 @@ def local_edit(
     return EditResult(params, success, steps, losses, time.perf_counter() - start, logits[: len(targets)].detach())
 
 
+_sample_covariances: OrderedDict[tuple, tuple[dict[str, torch.Tensor], int]] = OrderedDict()
+_sample_covariances_lock = threading.Lock()
+
+
+def sample_covariances(editable: EditableModel, batch_size: int = 500) -> tuple[dict[str, torch.Tensor], dict]:
+    """The shipped training sample's input covariances for `editable`'s local weights, with their `about`: computed
+    once per process for the same weights (sha256), kept for the last SAMPLE_COVARIANCES_KEPT models, so a second
+    model object or a second command in one process on those weights does not pay ~19 s of CPU again."""
+    names = local_weight_names(editable)
+    key = (weights_fingerprint(editable.model), tuple(names))
+    with _sample_covariances_lock:
+        if key not in _sample_covariances:
+            anchors, device = load_train_sample().images, next(editable.model.parameters()).device
+            batches = (editable.domain.normalize(anchors[i : i + batch_size].to(device))
+                       for i in range(0, len(anchors), batch_size))
+            _sample_covariances[key] = anchor_covariances(editable.model, names, batches)
+            while len(_sample_covariances) > SAMPLE_COVARIANCES_KEPT:
+                _sample_covariances.popitem(last=False)
+        _sample_covariances.move_to_end(key)
+        covariances, images = _sample_covariances[key]
+    return covariances, {"anchors": f"{images} images"}
+
+
 @register_editor
 class LocalEditor(Editor):
     """`local_edit` behind the editor interface, so the app, the CLI and the fixers can pick it by name.
@@ -293,8 +319,10 @@ class LocalEditor(Editor):
             shipped = shipped_covariances(editable.model, local_weight_names(editable)) if anchors is None else None
             if shipped is not None:
                 cache[key] = AnchorSubspace(editable, None, self.energy, covariances=shipped[0], about=shipped[1])
+            elif anchors is None:
+                covariances, about = sample_covariances(editable)
+                cache[key] = AnchorSubspace(editable, None, self.energy, covariances=covariances, about=about)
             else:
-                anchors = load_train_sample().images if anchors is None else anchors
                 cache[key] = AnchorSubspace(editable, editable.domain.normalize(anchors.to(device)), self.energy)
         return cache[key]
 
