@@ -18,6 +18,18 @@ os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
 
 
+# The files that take the most CPU (bench/suite_times.py, docs/PERFORMANCE.md "tests") go to the two workers first
+# (pytest.ini: --no-loadscope-reorder keeps this order), so that the last file to finish is a short one:
+# pytest-xdist's own order (most tests first) started the heaviest file late and left a core idle at the end.
+HEAVIEST_FIRST = ("test_shipped_models.py", "test_session.py", "test_nae.py", "test_cli.py", "test_tools.py",
+                  "test_training.py", "test_app_api.py", "test_own_model.py", "test_app_handlers.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: position for position, name in enumerate(HEAVIEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order stays
+
+
 @pytest.fixture(autouse=True)
 def one_torch_thread():
     """Commands run in-process (`measure --threads 2`, say) set the thread count for the process; restore it."""
