@@ -2,6 +2,8 @@
 computed on, and the shipped files belong to the shipped checkpoints and match a recomputation."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -124,3 +126,7 @@ def test_the_training_sample_statistics_are_computed_once_per_process_for_the_sa
     assert all(torch.equal(direct.projectors[n], again.projectors[n]) for n in direct.names)
     create_editor("local").subspace(EditableModel(make_tiny(seed=1), "body"))  # other weights: computed
     assert len(calls) == 2
+    renormalised = make_tiny()
+    renormalised.domain = dataclasses.replace(editable.domain, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    create_editor("local").subspace(EditableModel(renormalised, "body"))  # same weights, other anchor inputs: computed
+    assert len(calls) == 3

@@ -262,10 +262,11 @@ _sample_covariances_lock = threading.Lock()
 
 def sample_covariances(editable: EditableModel, batch_size: int = 500) -> tuple[dict[str, torch.Tensor], dict]:
     """The shipped training sample's input covariances for `editable`'s local weights, with their `about`: computed
-    once per process for the same weights (sha256), kept for the last SAMPLE_COVARIANCES_KEPT models, so a second
-    model object or a second command in one process on those weights does not pay ~19 s of CPU again."""
+    once per process for the same weights (sha256) and normalisation, kept for the last SAMPLE_COVARIANCES_KEPT
+    models, so a second model object or a second command in one process on those weights does not pay ~19 s of CPU
+    again."""
     names = local_weight_names(editable)
-    key = (weights_fingerprint(editable.model), tuple(names))
+    key = (weights_fingerprint(editable.model), tuple(names), editable.domain)  # the domain normalises the anchors
     with _sample_covariances_lock:
         if key not in _sample_covariances:
             anchors, device = load_train_sample().images, next(editable.model.parameters()).device
