@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -26,6 +25,7 @@ import time
 from pathlib import Path
 
 from app_roundtrip import ROOT, cpu_seconds, free_port, wait_for_app  # bench/ is on sys.path when run as a script
+from report import machine  # bench/ is on sys.path when run as a script
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -100,8 +100,8 @@ def main() -> int:
 
     held_out = "10,000 test images" if args.data_root else "sample"
     print(f"Command: .venv/bin/python bench/apply_cpu.py {shlex.join(sys.argv[1:])}")
-    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()}, {os.cpu_count()} CPU cores, "
-          f"Python {platform.python_version()}; load average (1 min) {load_before[0]:.1f} before, {load_after[0]:.1f} after")
+    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {machine()}; "
+          f"load average (1 min) {load_before[0]:.1f} before, {load_after[0]:.1f} after")
     print("| held-out | version | edits | server CPU per apply p50 | min | round trip p50 | edit p50 | re-evaluation p50 |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for (name, _), r in zip(trees, results):

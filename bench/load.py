@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -32,7 +31,7 @@ import time
 from pathlib import Path
 
 from app_roundtrip import ROOT, cpu_seconds, start_app  # bench/ is on sys.path when run as a script
-from report import write_section
+from report import machine, write_section
 
 RELIABILITY = ROOT / "docs" / "RELIABILITY.md"
 EDIT = ("editable", None, None, None, None, 0)  # /apply_edit after the target: the page's defaults (local editor)
@@ -265,8 +264,7 @@ def main() -> int:
         "",
         f"Command: `.venv/bin/python {shlex.join(['bench/load.py', *sys.argv[1:]])}`",
         "",
-        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.machine()}, {os.cpu_count()} "
-        f"CPU cores, Python {platform.python_version()}; `{shlex.join(['python', 'app.py', *shlex.split(args.app_args)])}` "
+        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine()}; `{shlex.join(['python', 'app.py', *shlex.split(args.app_args)])}` "
         f"(shipped checkpoints, "
         f"embedded 1,000-image sample, 127.0.0.1). Load average (1, 5, 15 min) before "
         f"{', '.join(f'{v:.1f}' for v in load_before)}, after {', '.join(f'{v:.1f}' for v in load_after)}"

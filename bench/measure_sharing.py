@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -27,7 +26,7 @@ import time
 from pathlib import Path
 
 from app_roundtrip import ROOT, cpu_seconds, start_app  # bench/ is on sys.path when run as a script
-from report import REPORT, write_section
+from report import REPORT, machine, write_section
 
 TARGET_RUN_S, TARGET_GAP_S, TARGET_SLOWDOWN = 60.0, 2.0, 2.0
 
@@ -137,10 +136,9 @@ def main() -> int:
         f"of visitor A's single edits (the page's default edit, /undo between them), {args.edits} alone, then as many "
         f"as fit beside a run of B's (N = {args.round_edits} x 2 x 2, a new seed).",
         "",
-        f"Command: `.venv/bin/python bench/measure_sharing.py {shlex.join(sys.argv[1:])}`",
+        f"Command: `{shlex.join(['.venv/bin/python', 'bench/measure_sharing.py', *sys.argv[1:]])}`",
         "",
-        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.machine()}, {os.cpu_count()} CPU "
-        f"cores, Python {platform.python_version()}. Load average (1 min) {load_before[0]:.1f} before, "
+        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine()}. Load average (1 min) {load_before[0]:.1f} before, "
         f"{load_after[0]:.1f} after{' (busy: other processes shared the cores)' if busy else ''}.",
         "",
         "| figure | measured | target |",

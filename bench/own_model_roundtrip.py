@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from app_roundtrip import cpu_seconds, start_app  # bench/ is on sys.path when run as a script
-from report import REPORT, write_section
+from report import REPORT, machine, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = 10
@@ -119,8 +118,7 @@ def main() -> int:
         "",
         f"Command: `.venv/bin/python bench/own_model_roundtrip.py {shlex.join(sys.argv[1:])}`",
         "",
-        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.machine()}, {os.cpu_count()} CPU "
-        f"cores, app.py --threads {args.threads}; load average (1 min) {load_before[0]:.1f} before, "
+        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine()}, app.py --threads {args.threads}; load average (1 min) {load_before[0]:.1f} before, "
         f"{load_after[0]:.1f} after (other processes shared the cores).",
         "",
         "| held-out images | start to first page | warm-up edit | edits | round trip p50 | max | server CPU p50 "

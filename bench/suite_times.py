@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+from report import machine  # bench/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,8 +73,7 @@ def main() -> int:
 
     names = list(results)
     print(f"\nCommand: .venv/bin/python bench/suite_times.py {shlex.join(sys.argv[1:])}")
-    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()}, {os.cpu_count()} CPU cores, "
-          f"Python {platform.python_version()}; load average (1 min) {load_before[0]:.1f} before, {load_after[0]:.1f} after\n")
+    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {machine()}; load average (1 min) {load_before[0]:.1f} before, {load_after[0]:.1f} after\n")
     files = {name: per_file(results[name]["tests"]) for name in names}
     print("| file | " + " | ".join(f"{name}: CPU s | wall s" for name in names) + " |")
     print("|---|" + "---:|---:|" * len(names))
