@@ -22,7 +22,8 @@ A method is EDITOR@LAYERS[,key=value...]: EDITOR is a gradient editor (rmsprop, 
 keys lr, steps) or `local` (editcore.core.locality; keys energy, margin, copies, steps, keep=0/1 for
 session constraints, protect=S to keep steps away from earlier corrections' inputs, anchors=N (the training sample's first N
 images instead of the statistics stored for the model, `--anchor-stats`), ridge=R for the soft
-projector). Prints one table; `--json FILE` writes every number.
+projector, guard=N: the training sample's first N images join the edit's kept rows, each keeping the base model's
+class (`LocalEditor.guard_rows`; default DEFAULT_GUARD as the page, guard=0: none)). Prints one table; `--json FILE` writes every number.
 """
 from __future__ import annotations
 
@@ -42,8 +43,9 @@ from editcore import (EditableModel, HeldOutEvaluator, ImageSet, augmented_views
                       load_checkpoint, load_cifar10, load_train_sample, normalize, resolve_data_root)
 from editcore.core.anchor_stats import shipped_covariances  # noqa: E402
 from editcore.core.heldout import full_logits  # noqa: E402
-from editcore.core.locality import (DEFAULT_COPIES, DEFAULT_ENERGY, DEFAULT_MARGIN, DEFAULT_MAX_STEPS,  # noqa: E402
-                                    AnchorSubspace, local_edit, local_weight_names)
+from editcore.core.locality import (DEFAULT_COPIES, DEFAULT_ENERGY, DEFAULT_GUARD, DEFAULT_MARGIN,  # noqa: E402
+                                    DEFAULT_MAX_STEPS, AnchorSubspace, LocalEditor, local_edit, local_weight_names,
+                                    with_guard)
 from editcore.experiments.metrics import draw_edits  # noqa: E402
 
 EXACT_TEST = 1000  # test images 0-999 are pixel-exact in the project's copy of CIFAR-10
@@ -83,6 +85,9 @@ class Runner:
             self.subspace = AnchorSubspace(self.editable, None if stored else normalize(anchors.images[:count].to(device)),
                                            energy=opts.get("energy", DEFAULT_ENERGY), ridge=opts.get("ridge"),
                                            covariances=stored and stored[0], about=stored and stored[1])
+            # As the page: the guard's anchor images (LocalEditor.guard_rows; guard=0 turns it off).
+            self.guard = LocalEditor(guard=int(opts.get("guard", DEFAULT_GUARD))).guard_rows(self.editable) \
+                if opts.get("guard", DEFAULT_GUARD) else None
         else:
             self.editor = create_editor(method.editor, lr=opts.get("lr")).to(device)
 
@@ -91,13 +96,18 @@ class Runner:
         if self.method.editor != "local":
             return edit(self.editable, x, t, self.editor, self.steps, params=params or None)
         opts = self.method.options
-        keep_inputs = keep_targets = None
+        keep_inputs = keep_targets = keep_features = keep_margins = None
         if keep and opts.get("keep", 1):
             keep_inputs = normalize(torch.cat([k[0] for k in keep]))
             keep_targets = torch.tensor([k[1] for k in keep], device=image.device)
+        if self.guard is not None:  # as LocalEditor: the session's corrections, then the guarded anchors
+            with torch.no_grad():
+                kept = self.editable.features(keep_inputs) if keep_inputs is not None else None
+            keep_features, keep_targets, keep_margins = with_guard(kept, keep_targets, self.guard)
+            keep_inputs = None
         return local_edit(self.editable, x, t, self.subspace, self.steps, opts.get("margin", DEFAULT_MARGIN),
                           int(opts.get("copies", DEFAULT_COPIES)), params or None, keep_inputs, keep_targets,
-                          protect=opts.get("protect", 0.0))
+                          keep_features=keep_features, protect=opts.get("protect", 0.0), keep_margins=keep_margins)
 
     def predict(self, images: torch.Tensor, params) -> torch.Tensor:
         return full_logits(self.model, images, params or None).argmax(1)

@@ -104,6 +104,57 @@ def test_session_constraints_keep_an_earlier_correction():
         assert kept.success
 
 
+def test_each_kept_row_can_carry_its_own_margin():
+    """`keep_margins`: KEEP_MARGIN for every row is the default, bit for bit; a row given a higher one ends higher."""
+    model = make_tiny()
+    editable = EditableModel(model, "body")
+    inputs = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    subspace = AnchorSubspace(editable, torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(5)), 0.5)
+    with torch.no_grad():
+        logits = editable.logits(inputs)
+    first_target = logits[0:1].argsort(1)[:, -2]
+    first = local_edit(editable, inputs[0:1], first_target, subspace, 50, margin=1.0, copies=0)
+    second_target = logits[0:1].argmax(1)  # pulls the first input back to where it was
+    common = dict(params=first.params, keep_inputs=inputs[0:1], keep_targets=first_target, copies=0)
+    default = local_edit(editable, inputs[1:2], second_target, subspace, 50, margin=1.0, **common)
+    same = local_edit(editable, inputs[1:2], second_target, subspace, 50, margin=1.0, **common,
+                      keep_margins=torch.tensor([KEEP_MARGIN]))
+    assert all(torch.equal(default.params[n], same.params[n]) for n in default.params)
+    higher = local_edit(editable, inputs[1:2], second_target, subspace, 50, margin=1.0, **common,
+                        keep_margins=torch.tensor([3.0]))
+    with torch.no_grad():
+        kept = logit_margins(editable.logits(inputs[0:1], higher.params), first_target)
+        kept_default = logit_margins(editable.logits(inputs[0:1], default.params), first_target)
+    assert default.success and higher.success and kept.item() > kept_default.item() >= KEEP_MARGIN
+
+
+def test_the_guard_keeps_the_anchor_classes_an_unguarded_edit_flips():
+    model = make_tiny(seed=1)
+    with torch.no_grad():
+        model.head[2].weight.mul_(20)
+    editable = EditableModel(model, "body")
+    anchors = torch.randint(0, 256, (200, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(7))
+    image = torch.randint(0, 256, (1, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    x, normalised = editable.domain.normalize(image), editable.domain.normalize(anchors)
+    with torch.no_grad():
+        base, target = editable.logits(normalised).argmax(1), editable.logits(x).argsort(1)[:, -2]
+    flipped = {}
+    for guard in (0, 200):
+        editor = create_editor("local", anchors=anchors, guard=guard, margin=2.0, energy=0.5)
+        result = edit(editable, x, target, editor, 50)
+        assert result.success
+        with torch.no_grad():
+            flipped[guard] = int((editable.logits(normalised, result.params).argmax(1) != base).sum())
+    assert flipped[200] * 20 < flipped[0]  # 2 of 200 against 141 when written
+    # guard=50: the 50 anchors with the smallest base margins, half of each margin kept (at most KEEP_MARGIN).
+    features, classes, margins = create_editor("local", anchors=anchors, guard=50).guard_rows(editable)
+    with torch.no_grad():
+        base_margins = logit_margins(editable.logits(normalised), base)
+    smallest = base_margins.argsort()[:50]
+    assert torch.equal(features, editable.features(normalised[smallest])) and torch.equal(classes, base[smallest])
+    assert torch.allclose(margins, (base_margins[smallest] / 2).clamp(max=KEEP_MARGIN))
+
+
 def test_kept_rows_that_hold_cost_the_edit_nothing():
     """Earlier corrections that stay in place are only checked: the edit is the one made without them."""
     model = make_tiny()

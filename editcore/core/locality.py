@@ -44,6 +44,12 @@ DEFAULT_COPIES = 8  # random crop/flip copies of the edited image, edited with i
 DEFAULT_MAX_STEPS = 20
 MAX_HALVINGS = 8  # line search: a step is halved at most this often before the edit gives up
 KEEP_MARGIN = 1.0  # earlier corrections of a session are kept at least this far above the next class
+# guard=N: every edit also keeps the base model's class on the N anchor images with the smallest base margins, each
+# with GUARD_SHARE of its base margin (at most KEEP_MARGIN). A session of 200 drifts less, each edit costs ~3x the
+# time (docs/LOCALITY.md), so the page does not use it (0).
+DEFAULT_GUARD = 0
+GUARD_SHARE = 0.5
+GUARD_BYTES = 64 * 2**20  # fewer guarded images where their features would take more (224-px models: ~160)
 SAMPLE_COVARIANCES_KEPT = 4  # models whose training-sample covariances a process keeps (~18 MB each for layer3)
 
 
@@ -161,6 +167,7 @@ def local_edit(
     seed: int | None = None,
     keep_features: torch.Tensor | None = None,
     protect: float = 0.0,
+    keep_margins: torch.Tensor | None = None,
 ) -> EditResult:
     """Edit so that every input gets its target, changing only `subspace.names` within the subspace.
 
@@ -175,7 +182,8 @@ def local_edit(
     from (default: the base model's). `keep_features` may stand for `keep_inputs`: their activations
     entering the editable stage, which a caller keeping a session's corrections can compute once.
     `protect` > 0: every step also stays away from the kept corrections' inputs to the edited layers
-    (`AnchorSubspace.protecting`, with this strength), not only from the anchors'.
+    (`AnchorSubspace.protecting`, with this strength), not only from the anchors'. `keep_margins`: a margin per
+    kept row instead of KEEP_MARGIN for all.
     """
     if max_steps < 0:
         raise ValueError("max_steps must be >= 0")
@@ -200,6 +208,8 @@ def local_edit(
             if keep_features is not None and len(keep_features):
                 keep_features = keep_features.to(inputs.device)
                 keep_targets = keep_targets.view(-1).to(inputs.device)
+                keep_margins = torch.full((len(keep_features),), KEEP_MARGIN, device=inputs.device) \
+                    if keep_margins is None else keep_margins.view(-1).to(inputs.device)
             else:
                 keep_features = None
         kept = torch.zeros(0 if keep_features is None else len(keep_features), dtype=torch.bool, device=inputs.device)
@@ -214,10 +224,10 @@ def local_edit(
             return candidate, torch.relu(row_margins - logit_margins(logits, row_targets)).mean(), logits
 
         def slipped(candidate: Params) -> torch.Tensor:
-            """Kept rows below KEEP_MARGIN at `candidate` that are not in the loss yet."""
+            """Kept rows below their keep margin at `candidate` that are not in the loss yet."""
             with torch.no_grad():
                 margins = logit_margins(editable.logits_from_features(keep_features, candidate), keep_targets)
-            return (margins < KEEP_MARGIN) & ~kept
+            return (margins < keep_margins) & ~kept
 
         params, loss, logits = evaluate(params)
         losses, steps = [float(loss.detach())], 0
@@ -229,7 +239,7 @@ def local_edit(
                 kept |= new
                 features = torch.cat([features, keep_features[new]])
                 row_targets = torch.cat([row_targets, keep_targets[new]])
-                row_margins = torch.cat([row_margins, torch.full((int(new.sum()),), KEEP_MARGIN, device=inputs.device)])
+                row_margins = torch.cat([row_margins, keep_margins[new]])
                 params, loss, logits = evaluate(params)
                 losses[-1] = float(loss.detach())
             grads = torch.autograd.grad(loss, [params[n] for n in names])
@@ -280,6 +290,18 @@ def sample_covariances(editable: EditableModel, batch_size: int = 500) -> tuple[
     return covariances, {"anchors": f"{images} images"}
 
 
+def with_guard(keep_features: torch.Tensor | None, keep_targets: torch.Tensor | None,
+               guard: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A session's corrections to keep (KEEP_MARGIN each) and the guarded anchors (`LocalEditor.guard_rows`) as one
+    set of kept rows: (features, targets, margins) for `local_edit`."""
+    features, classes, margins = guard
+    if keep_features is None:
+        return features, classes, margins
+    return (torch.cat([keep_features.to(features.device), features]),
+            torch.cat([keep_targets.view(-1).to(classes.device), classes]),
+            torch.cat([torch.full((len(keep_features),), KEEP_MARGIN, device=margins.device), margins]))
+
+
 @register_editor
 class LocalEditor(Editor):
     """`local_edit` behind the editor interface, so the app, the CLI and the fixers can pick it by name.
@@ -297,16 +319,49 @@ class LocalEditor(Editor):
     differentiable = False
 
     def __init__(self, lr: float | None = None, learnable: bool = False, energy: float = DEFAULT_ENERGY,
-                 margin: float = DEFAULT_MARGIN, copies: int = DEFAULT_COPIES, anchors: torch.Tensor | None = None):
+                 margin: float = DEFAULT_MARGIN, copies: int = DEFAULT_COPIES, anchors: torch.Tensor | None = None,
+                 guard: int = DEFAULT_GUARD):
         if learnable:
             raise ValueError("the local editor has no learnable hyper-parameters")
         super().__init__(lr)
-        if not 0 < energy <= 1 or margin < 0 or copies < 0:
-            raise ValueError(f"local editor needs 0 < energy <= 1, margin >= 0, copies >= 0; got {energy}, {margin}, {copies}")
+        if not 0 < energy <= 1 or margin < 0 or copies < 0 or guard < 0:
+            raise ValueError("local editor needs 0 < energy <= 1, margin >= 0, copies >= 0, guard >= 0; "
+                             f"got {energy}, {margin}, {copies}, {guard}")
         self.energy, self.margin, self.copies, self.anchors = float(energy), float(margin), int(copies), anchors
+        self.guard = int(guard)
 
     def hyperparameters(self) -> dict[str, float]:
-        return {"lr": float(self.lr.detach()), "energy": self.energy, "margin": self.margin, "copies": self.copies}
+        # No guard, no key: such an editor's results (and the Measure tab's stored ones) are those from before it.
+        return {"lr": float(self.lr.detach()), "energy": self.energy, "margin": self.margin, "copies": self.copies,
+                **({"guard": self.guard} if self.guard else {})}
+
+    def guard_rows(self, editable: EditableModel) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(features, classes, margins) of the guarded anchor images: of this editor's anchors, else the model's,
+        else the shipped training sample, the `guard` whose base-model margins are smallest (the images an edit
+        flips first; at most GUARD_BYTES of features), with their base-model classes, each to be kept with
+        GUARD_SHARE of its base margin, at most KEEP_MARGIN. Computed once per base model, as the subspace."""
+        cache = (editable.cache if self.anchors is None else self.__dict__).setdefault("_guard_rows", {})
+        key = (editable.prefixes, self.guard) if self.anchors is None else (id(editable), self.guard)
+        if key not in cache:
+            device = next(editable.model.parameters()).device
+            anchors = self.anchors if self.anchors is not None else editable.anchors
+            anchors = load_train_sample().images if anchors is None else anchors
+
+            def features(images: torch.Tensor) -> torch.Tensor:
+                return torch.cat([editable.features(editable.domain.normalize(images[i : i + 500].to(device)))
+                                  for i in range(0, len(images), 500)])
+
+            with torch.no_grad(), eval_mode(editable.model):
+                logits = torch.cat([editable.logits_from_features(features(anchors[i : i + 500]))
+                                    for i in range(0, len(anchors), 500)])
+                classes = logits.argmax(1)
+                margins = logit_margins(logits, classes)
+                per_image = features(anchors[:1])[0]
+                count = min(self.guard, max(1, GUARD_BYTES // (per_image.numel() * per_image.element_size())))
+                rows = margins.argsort()[:count].cpu()
+                cache[key] = (features(anchors[rows]), classes[rows.to(classes.device)],
+                              (margins[rows.to(margins.device)] * GUARD_SHARE).clamp(max=KEEP_MARGIN))
+        return cache[key]
 
     def subspace(self, editable: EditableModel) -> AnchorSubspace:
         """The anchor subspace for `editable`: with the model's anchors (`editable.anchors`, else the shipped
@@ -332,13 +387,17 @@ class LocalEditor(Editor):
         subspace on next use."""
         for owner in (editable.cache, self.__dict__):
             owner.pop("_anchor_subspaces", None)
+            owner.pop("_guard_rows", None)
 
     def apply_edit(self, editable: EditableModel, inputs: torch.Tensor, targets: torch.Tensor, max_steps: int,
                    params: Params | None = None, keep: tuple[torch.Tensor, torch.Tensor] | None = None) -> EditResult:
         keep_features, keep_targets = keep if keep is not None else (None, None)
+        keep_margins = None
+        if self.guard:
+            keep_features, keep_targets, keep_margins = with_guard(keep_features, keep_targets, self.guard_rows(editable))
         return local_edit(editable, inputs, targets, self.subspace(editable), max_steps, self.margin, self.copies,
                           params, keep_targets=keep_targets, step_scale=float(self.lr.detach()),
-                          keep_features=keep_features)
+                          keep_features=keep_features, keep_margins=keep_margins)
 
     def step(self, params, grads, state):
         raise NotImplementedError("the local editor edits through apply_edit, not per-step updates")
