@@ -2,15 +2,16 @@
 # Issue 20 on this CPU: the paper's editable training from scratch (`--recipe paper`) and a baseline trained
 # from scratch with the same outer recipe, in the background, resumable across sessions and machines.
 #
-# Each run lives in runs/NAME/. Its resumable state, runs/NAME/state.safetensors (+ state.json), is the one
-# file git tracks there: commit it before a session stops (`save`) and the next session, on any machine,
-# resumes from it (`start`). Not tracked: train.log, and epN.state.safetensors, the state as each epoch
-# ended (for scoring: `train --resume runs/NAME/epN.state.safetensors --checkpoint-from-state --latest`).
+# Each run lives in runs/NAME/. Git tracks its resumable state, runs/NAME/state.safetensors (+ state.json), and
+# the weights of every fifth epoch, runs/NAME/scored/NAME_epN.safetensors (+ card): commit them before a session
+# stops (`save`) and the next session, on any machine, resumes from the state (`start`) and scores those epochs.
+# Not tracked: train.log, and epN.state.safetensors, the state as each epoch ended (the weights come from it:
+# `train --resume runs/NAME/epN.state.safetensors --checkpoint-from-state --latest`).
 # Remove runs/NAME once the run has finished and its checkpoint ships in assets/.
 #
 #   tools/paper_runs.sh start NAME...   start (or resume) each run on THREADS torch threads (default 1)
 #   tools/paper_runs.sh status          each run's progress and whether it is running
-#   tools/paper_runs.sh save            git add each run's latest state (then commit it)
+#   tools/paper_runs.sh save            git add each run's latest state and every fifth epoch's weights (then commit)
 #   tools/paper_runs.sh stop [NAME...]  stop the named runs, or every run (a state keeps all but the last EVERY steps)
 #   tools/paper_runs.sh score NAME N    score epoch N of run NAME on bench/locality.py (R, C; N=100 each; the paper's
 #                                       RMSProp at lr 1e-3, RMSProp at 1e-4 and the local editor): the same seeded
@@ -69,10 +70,24 @@ snapshots() {  # while run $1 trains, keep a copy of its state as each epoch end
 
 weights() {  # run $1's weights as epoch $2 ended -> runs/$1/scored/$1_ep$2.safetensors (+ card)
   local dir=runs/$1
-  [ -f "$dir/ep$2.state.safetensors" ] || { echo "no $dir/ep$2.state.safetensors" >&2; exit 2; }
   mkdir -p "$dir/scored" docs/runs/paper_runs
-  [ -f "$dir/scored/$1_ep$2.safetensors" ] || .venv/bin/python -m editcore train --resume "$dir/ep$2.state.safetensors" \
+  [ -f "$dir/scored/$1_ep$2.safetensors" ] && return
+  [ -f "$dir/ep$2.state.safetensors" ] || { echo "no $dir/ep$2.state.safetensors" >&2; exit 2; }
+  .venv/bin/python -m editcore train --resume "$dir/ep$2.state.safetensors" \
     --checkpoint-from-state --latest --out "$dir/scored/$1_ep$2.safetensors" --device cpu --data-root "$DATA" >/dev/null || exit 1
+}
+
+save() {  # git add each run's latest state, and the weights of every fifth epoch (1 MB each: the epN states stay
+  # on the machine that trained them, and runs are compared at equal epochs, so a new machine needs these)
+  for state in runs/*/ep*.state.safetensors; do
+    [ -f "$state" ] || continue
+    local name epoch
+    name=$(basename "$(dirname "$state")"); epoch=${state##*/ep}; epoch=${epoch%%.*}
+    [ $((epoch % 5)) -eq 0 ] && weights "$name" "$epoch"
+  done
+  git add -f runs/*/state.safetensors runs/*/state.json
+  ls runs/*/scored/*_ep*.safetensors >/dev/null 2>&1 && git add -f runs/*/scored/*_ep*.safetensors runs/*/scored/*_ep*.json
+  git status --short runs/
 }
 
 paper() {  # epoch $2 of run $1 under the paper's editor, the issue's measure (200 seeded R edits, embedded sample), with
@@ -121,7 +136,7 @@ case "${1:-}" in
       echo "$name: $state, epoch $epoch done (+$batch steps), step $step, ${seconds}s trained, finished=$finished"
       grep -E "^epoch=|early stop|keeping" "$dir/train.log" 2>/dev/null | tail -2 | cut -c1-220
     done ;;
-  save) git add -f runs/*/state.safetensors runs/*/state.json && git status --short runs/ ;;
+  save) save ;;
   stop)
     shift; names=("$@"); [ $# -gt 0 ] || names=($(ls runs))
     for name in "${names[@]}"; do running "$name" && kill "$(cat "runs/$name/pid")" && echo "stopped $name"; done ;;
