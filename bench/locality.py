@@ -22,8 +22,8 @@ A method is EDITOR@LAYERS[,key=value...]: EDITOR is a gradient editor (rmsprop, 
 keys lr, steps) or `local` (editcore.core.locality; keys energy, margin, copies, steps, keep=0/1 for
 session constraints, protect=S to keep steps away from earlier corrections' inputs, anchors=N (the training sample's first N
 images instead of the statistics stored for the model, `--anchor-stats`), ridge=R for the soft
-projector, guard=N: the training sample's first N images join the edit's kept rows, each keeping the base model's
-class (`LocalEditor.guard_rows`; default DEFAULT_GUARD as the page, guard=0: none)). Prints one table; `--json FILE` writes every number.
+projector, guard=N: the N training-sample images with the smallest base margins join the edit's kept rows, each
+keeping the base model's class (`LocalEditor.guard_rows`; default DEFAULT_GUARD as the page, 0: none)). Prints one table; `--json FILE` writes every number.
 """
 from __future__ import annotations
 

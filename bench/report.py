@@ -23,7 +23,8 @@ def machine() -> str:
     and native bfloat16 ran `measure`'s 200 edits 3.5x faster than one without (docs/PERFORMANCE.md)."""
     import sys
     import torch  # here, not at the top: the benchmarks' clients otherwise never import torch
-    sys.path.insert(0, str(REPORT.parent.parent))
+    if str(REPORT.parent.parent) not in sys.path:
+        sys.path.insert(0, str(REPORT.parent.parent))
     from editcore.core.heldout import native_bfloat16
     cpuinfo = Path("/proc/cpuinfo")
     names = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
