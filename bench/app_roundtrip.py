@@ -28,7 +28,7 @@ from pathlib import Path
 
 import httpx
 
-from report import REPORT, machine, write_section  # bench/ is on sys.path when run as a script
+from report import REPORT, busy, machine, write_section  # bench/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = {"first_p50": (0.4, 0.5), "p50": (0.6, None)}  # issue 24, seconds: (embedded sample, 10,000 images)
@@ -189,7 +189,7 @@ def main() -> int:
         f"Command: `.venv/bin/python bench/app_roundtrip.py {shlex.join(sys.argv[1:])}`",
         "",
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine()}; checkpoints: {checkpoints}. Load average (1 min) "
-        f"{load_before[0]:.1f} before, {load_after[0]:.1f} after{' (busy: other processes shared the cores)' if max(load_before[0], load_after[0]) > (os.cpu_count() or 1) else ''}.",
+        f"{load_before[0]:.1f} before, {load_after[0]:.1f} after{' (busy: other processes shared the cores)' if busy(load_before, load_after) else ''}.",
         "Server CPU time is the app process's user + system time during the call, summed over its threads:",
         "the work itself, whatever else runs; on an idle machine the wall time lies between it divided by",
         "the number of cores and it.",

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from app_roundtrip import ROOT, cpu_seconds, start_app  # bench/ is on sys.path when run as a script
-from report import REPORT, machine, write_section
+from report import REPORT, busy, machine, write_section
 
 TARGET_RUN_S, TARGET_GAP_S, TARGET_SLOWDOWN = 60.0, 2.0, 2.0
 
@@ -125,7 +125,7 @@ def main() -> int:
     load_after = os.getloadavg()
     idle_p50, during_p50 = statistics.median(idle), statistics.median(during)
     slowdown = during_p50 / idle_p50
-    busy = max(load_before[0], load_after[0]) > (os.cpu_count() or 1)
+    shared = busy(load_before, load_after)
     verdict = lambda ok: "met" if ok else "not met"  # noqa: E731
     lines = [
         "## measure",
@@ -139,7 +139,7 @@ def main() -> int:
         f"Command: `{shlex.join(['.venv/bin/python', 'bench/measure_sharing.py', *sys.argv[1:]])}`",
         "",
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine()}. Load average (1 min) {load_before[0]:.1f} before, "
-        f"{load_after[0]:.1f} after{' (busy: other processes shared the cores)' if busy else ''}.",
+        f"{load_after[0]:.1f} after{' (busy: other processes shared the cores)' if shared else ''}.",
         "",
         "| figure | measured | target |",
         "|---|---:|---|",

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from app_roundtrip import cpu_seconds, start_app  # bench/ is on sys.path when run as a script
-from report import REPORT, machine, write_section
+from report import REPORT, busy, machine, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = 10
@@ -119,7 +119,7 @@ def main() -> int:
         f"Command: `.venv/bin/python bench/own_model_roundtrip.py {shlex.join(sys.argv[1:])}`",
         "",
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine()}, app.py --threads {args.threads}; load average (1 min) {load_before[0]:.1f} before, "
-        f"{load_after[0]:.1f} after{' (other processes shared the cores)' if max(load_before[0], load_after[0]) > (os.cpu_count() or 1) else ''}.",
+        f"{load_after[0]:.1f} after{' (other processes shared the cores)' if busy(load_before, load_after) else ''}.",
         "",
         "| held-out images | start to first page | warm-up edit | edits | round trip p50 | max | server CPU p50 "
         "| edit p50 | re-evaluation p50 | steps |",

@@ -18,6 +18,11 @@ def write_section(name: str, text: str, report: Path = REPORT) -> None:
     report.write_text(new)
 
 
+def busy(load_before: tuple[float, ...], load_after: tuple[float, ...]) -> bool:
+    """Whether the 1-minute load average before or after a run exceeded the cores: other processes shared them."""
+    return max(load_before[0], load_after[0]) > (os.cpu_count() or 1)
+
+
 def machine() -> str:
     """The machine a figure was measured on, in words. This project's machines differ in CPU model: one with AMX
     and native bfloat16 ran `measure`'s 200 edits 3.5x faster than one without (docs/PERFORMANCE.md)."""
