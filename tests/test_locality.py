@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from editcore import AnchorSubspace, EditableModel, create_editor, edit, local_edit, logit_margins
-from editcore.core.locality import KEEP_MARGIN
+from editcore.core.locality import KEEP_MARGIN, in_conv_layout, with_guard
 from editcore.core.models import StagedNet
 
 from conftest import make_tiny
@@ -153,6 +153,16 @@ def test_the_guard_keeps_the_anchor_classes_an_unguarded_edit_flips():
     smallest = base_margins.argsort()[:50]
     assert torch.equal(features, editable.features(normalised[smallest])) and torch.equal(classes, base[smallest])
     assert torch.allclose(margins, (base_margins[smallest] / 2).clamp(max=KEEP_MARGIN))
+
+
+def test_the_guard_joins_a_sessions_corrections_in_the_layout_its_checks_run_fastest():
+    for shape in ((8, 6, 4), (6,)):  # conv activations (channels_last), a transformer's or a linear layer's (as given)
+        guard = (in_conv_layout(torch.randn(3, *shape)), torch.tensor([0, 1, 2]), torch.tensor([0.2, 0.4, 0.6]))
+        corrections = torch.randn(2, *shape)
+        features, targets, margins = with_guard(corrections, torch.tensor([3, 3]), guard)
+        assert torch.equal(features, torch.cat([corrections, guard[0]])) and targets.tolist() == [3, 3, 0, 1, 2]
+        assert torch.allclose(margins, torch.tensor([KEEP_MARGIN, KEEP_MARGIN, 0.2, 0.4, 0.6]))
+        assert features.is_contiguous(memory_format=torch.channels_last) == (len(shape) == 3)
 
 
 def test_kept_rows_that_hold_cost_the_edit_nothing():

@@ -6,7 +6,8 @@ import torch
 
 from editcore import (EditableModel, EditRecord, HeldOutEvaluator, create_editor, draw_edits, edit, evaluate_edits,
                       normalize, summarize)
-from editcore.core.heldout import MARGIN_ABS, MARGIN_REL, unsure_rows
+from editcore.core.edit import logit_margins
+from editcore.core.heldout import MARGIN_ABS, MARGIN_REL, settled_margins, unsure_rows
 
 from conftest import make_tiny
 
@@ -140,6 +141,29 @@ def test_mixed_precision_settles_near_ties_as_float32_does():
     assert torch.equal(mixed.predict(), float32) and torch.equal(float32, exact.predict_full())
     assert 0 < mixed.recomputed < len(images)  # both paths ran
     assert mixed.precision != exact.precision == "float32" and exact.recomputed == 0
+
+
+def test_settled_margins_put_every_row_on_float32s_side_of_its_threshold():
+    """A local edit's check of its kept rows (thousands with a guard): bfloat16 alone puts some rows on the wrong side
+    of their keep margin; settled, every row is on float32's side, and without mixed precision the margins are
+    float32's exactly."""
+    model = make_tiny()
+    with torch.no_grad():
+        model.head[2].bias[:2] = 10.0
+    editable = EditableModel(model, "body")
+    images = torch.randint(0, 256, (600, 3, 8, 8), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
+    with torch.no_grad():
+        features = editable.features(normalize(images))
+        float32 = logit_margins(editable.logits_from_features(features), torch.zeros(600, dtype=torch.long))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bfloat16 = logit_margins(editable.logits_from_features(features).float(), torch.zeros(600, dtype=torch.long))
+    thresholds = float32 + 0.02 * torch.randn(600, generator=torch.Generator().manual_seed(4))  # right at the margins
+    targets = torch.zeros(600, dtype=torch.long)
+    assert not torch.equal(bfloat16 >= thresholds, float32 >= thresholds)  # the settling has work to do
+    settled = settled_margins(editable, features, targets, thresholds, None, mixed_precision=True, batch_size=128)
+    assert torch.equal(settled >= thresholds, float32 >= thresholds)
+    exact = settled_margins(editable, features, targets, thresholds, None, mixed_precision=False, batch_size=128)
+    assert torch.equal(exact, float32)
 
 
 def test_held_out_rows_scored_in_parts_give_the_logits_of_one_pass():

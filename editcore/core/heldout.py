@@ -15,7 +15,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .domain import Domain
-from .edit import EditableModel, eval_mode, has_tied_tensors, model_domain
+from .edit import EditableModel, eval_mode, has_tied_tensors, logit_margins, model_domain
 from .editors import Params
 
 # Rows per batch of held-out re-evaluation: at M = 10,000 on a 2-core CPU, 1000 took 1.3x less CPU than
@@ -63,6 +63,28 @@ def unsure_rows(logits: torch.Tensor) -> torch.Tensor:
     """Indices of the rows whose low-precision top-2 margin is too small to trust their argmax."""
     top2 = logits.topk(2, dim=1).values
     return torch.nonzero(top2[:, 0] - top2[:, 1] < MARGIN_ABS + MARGIN_REL * top2[:, 0].abs()).view(-1)
+
+
+@torch.no_grad()
+def settled_margins(editable: EditableModel, features: torch.Tensor, targets: torch.Tensor, thresholds: torch.Tensor,
+                    params: Params | None, mixed_precision: bool, batch_size: int = EVAL_BATCH) -> torch.Tensor:
+    """Each row's logit margin (`logit_margins`: target minus the best other class) at `params`, from its features
+    entering the editable stage, to be compared with its threshold. With `mixed_precision` the margins come from
+    bfloat16, and float32 settles every row whose bfloat16 margin lies within MARGIN_ABS + MARGIN_REL * |top logit|
+    of its threshold (as `HeldOutEvaluator.logits` settles argmaxes), so each row's side of it is float32's."""
+    suffix = lambda inputs: editable.logits_from_features(inputs, params or None).float()  # noqa: E731
+    margins = torch.empty(len(features), device=features.device)
+    for start in range(0, len(features), batch_size):
+        rows, classes, floor = (part[start : start + batch_size] for part in (features, targets, thresholds))
+        with torch.autocast(features.device.type, dtype=torch.bfloat16, enabled=mixed_precision):
+            logits = suffix(rows)
+        batch = logit_margins(logits, classes)
+        if mixed_precision:
+            unsure = torch.nonzero((batch - floor).abs() < MARGIN_ABS + MARGIN_REL * logits.abs().amax(1)).view(-1)
+            if len(unsure):
+                batch[unsure] = logit_margins(suffix(rows[unsure]), classes[unsure])
+        margins[start : start + batch_size] = batch
+    return margins
 
 
 class HeldOutEvaluator:
