@@ -119,7 +119,9 @@ def test_an_upload_is_shown_selected_and_editable(handlers, tmp_path):
         handlers.upload([str(path)], r)
     assert (source, label, misclassified, low, high, sort) == ("uploads", "all", False, 0.0, 1.0, "index")
     assert len(gallery) == 1 and "Added 1 image" in message and "Upload #0" in info and "unlabelled" in info
-    assert Image.open(image).size == (256, 256) and target in CLASSES
+    assert Image.open(image).size == (384 + 8 + 256, 256) and target in CLASSES  # the photo, then the model's view
+    path.unlink()  # Gradio's copy of an upload may be gone later: the model's view alone
+    assert Image.open(handlers.select_image("uploads", 0, r)[0]).size == (256, 256)
     new_target = next(c for c in CLASSES if c != target)
     assert handlers.apply_edit(new_target, "editable", "rmsprop", None, 50, "layer3", 0, r)[0]["images"] == ["uploads:0"]
 

@@ -163,7 +163,7 @@ class Workspace:
         self.model = "editable" if "editable" in lab.models else next(iter(lab.models))  # the one on screen
         self.query = BrowseQuery()  # the last browse request, re-run after every edit
         self.uploads = torch.empty(0, *lab.domain.shape, dtype=torch.uint8)
-        self.upload_names: list[str] = []
+        self.upload_paths: list[str] = []  # the uploaded files, shown beside what the model sees while they last
         self.selection: ImageRef | None = None
         self.page_refs: list[ImageRef] = []
         self.batch: list[tuple[ImageRef, int]] = []
@@ -186,7 +186,8 @@ class Workspace:
     def source(self, name: str) -> ImageSet:
         if name == SOURCE_UPLOADS:
             n = len(self.uploads)
-            return ImageSet(self.uploads, torch.full((n,), -1, dtype=torch.long), torch.arange(n), SOURCE_UPLOADS)
+            return ImageSet(self.uploads, torch.full((n,), -1, dtype=torch.long), torch.arange(n), SOURCE_UPLOADS,
+                            list(self.upload_paths))
         if not isinstance(name, str) or name not in self.lab.sources:
             raise SettingsError(f"source must be one of {', '.join(self.lab.source_names())}, got {name!r}")
         return self.lab.sources[name]
@@ -200,7 +201,7 @@ class Workspace:
         return images.images[ref.index], int(images.labels[ref.index])
 
     def original(self, ref: ImageRef) -> str | None:
-        """The picture file behind a reference, for images read from a folder (None for CIFAR-10 and uploads)."""
+        """The picture file behind a reference: an image folder's or an upload's (None for CIFAR-10 and the NAE set)."""
         paths = self.source(ref.source).paths
         return paths[ref.index] if paths is not None and 0 <= ref.index < len(paths) else None
 
@@ -286,7 +287,7 @@ class Workspace:
                 raise ImageError(f"a session holds at most {MAX_UPLOADS} uploads")
             start = len(self.uploads)
             self.uploads = torch.cat([self.uploads, torch.stack(decoded)])
-            self.upload_names += [Path(p).name for p in paths]
+            self.upload_paths += [str(p) for p in paths]
             return [ImageRef(SOURCE_UPLOADS, start + i) for i in range(len(decoded))]
 
     def edit_bytes(self) -> int:
