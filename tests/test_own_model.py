@@ -14,8 +14,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from app import Handlers
-from editcore import (CLASSES, DataError, EditSettings, ImageRef, Lab, folder_class_names, load_sample, load_train_sample,
-                      open_folder_setup, read_weights)
+from editcore import (CLASSES, DataError, EditSettings, ImageRef, Lab, folder_class_names, load_checkpoint, load_sample,
+                      load_train_sample, open_folder_setup, read_weights)
 
 ROOT = Path(__file__).resolve().parent.parent
 CLASS_NAMES = ("cat", "dog", "fox")
@@ -113,7 +113,11 @@ def test_load_browse_select_edit_undo_export_replay_through_the_handlers(handler
     assert report["applied"] and report["layers"] == "layer4"
     weights, card = handlers.export_weights(r)["value"]
     assert json.loads(Path(card).read_text())["edits"][0]["targets"] == [wrong]
-    exported = open_folder_setup("torchvision:resnet18", weights, files.images, preprocessing=PREPROCESSING)
+    with pytest.raises(ValueError, match="--model torchvision:resnet18 --weights"):
+        load_checkpoint(weights)  # not an editcore architecture: the message says how to open it
+    exported = open_folder_setup("torchvision:resnet18", weights, files.images)  # classes, preprocessing: its card's
+    assert exported.checkpoint.model.domain == setup.checkpoint.model.domain
+    assert exported.checkpoint.card["edits"][0]["targets"] == [wrong] and "edited_from" in exported.checkpoint.card
     session = handlers.workspace(r).session("resnet18")
     assert torch.equal(session.probabilities(setup.heldout.images).argmax(1),
                        Lab.load_folder(exported, log=lambda *_: None).models["resnet18"].base_heldout_probs.argmax(1))

@@ -89,6 +89,9 @@ def read_card(path: str | Path) -> dict:
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Checkpoint:
     card = read_card(path)
+    if card.get("model_source") == "torchvision":  # an edit of your own model, exported: it needs its image folder
+        raise ValueError(f"{path} is an edited {card['arch']}; open it as your own model: --model {card['arch']} "
+                         f"--weights {path} --images DIR (its card gives the classes and preprocessing)")
     model = create_model(card["arch"]).to(device)
     try:
         tensors = load_file(str(path), device=str(device))

@@ -32,6 +32,8 @@ class Domain:
     interpolation: str = "bilinear"
 
     def __post_init__(self):
+        for key in ("classes", "mean", "std"):  # a card's JSON lists: tuples, so domains compare and hash
+            object.__setattr__(self, key, tuple(getattr(self, key)))
         if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
             raise ValueError(f"a classifier needs at least two distinct class names, got {list(self.classes)[:5]}")
         if not 0 < self.size <= self.resize:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.checkpoint import Checkpoint, load_checkpoint
+from ..core.checkpoint import Checkpoint, load_checkpoint, read_card
 from ..core.data import ImageSet
 from ..core.domain import CIFAR10, Domain
 from ..core.images import folder_class_names, load_image_folder, read_class_file, split_anchors
@@ -40,12 +40,20 @@ def load_editcore_model(spec: str, weights: str | Path, classes: tuple[str, ...]
     if len(names) != n_classes:
         raise ValueError(f"{len(names)} class names but {path.name} has {n_classes} classes")
     preprocessing = checkpoint.card.get("preprocessing") or CIFAR10.preprocessing()
-    checkpoint.model.domain = Domain(tuple(names), **{**preprocessing, "mean": tuple(preprocessing["mean"]),
-                                                        "std": tuple(preprocessing["std"])})
+    checkpoint.model.domain = Domain(tuple(names), **preprocessing)
     checkpoint.card.update(model_source="editcore", run_as=run_as(checkpoint.model), source=str(path),
                            sha256=hashlib.sha256(path.read_bytes()).hexdigest(), classes=list(names),
                            preprocessing=checkpoint.model.domain.preprocessing())
     return checkpoint
+
+
+def exported_card(weights: str | Path, spec: str) -> dict | None:
+    """The card of a `spec` model that EditLab exported (`EditSession.export_weights`), else None."""
+    try:
+        card = read_card(weights)
+    except (ValueError, FileNotFoundError):  # not safetensors, or weights without a card
+        return None
+    return card if card.get("arch") == spec and {"classes", "preprocessing"} <= card.keys() else None
 
 
 @dataclass
@@ -70,8 +78,13 @@ def open_folder_setup(model: str, weights: str | Path, images: str | Path, ancho
     if model.startswith(EDITCORE):
         checkpoint = load_editcore_model(model, weights, named, device)
     else:
+        exported = exported_card(weights, model)
+        if exported is not None and not (weights_enum or named):
+            # an edit EditLab exported: opened with what its card says (class order, weights enum or preprocessing)
+            weights_enum, named, preprocessing = exported.get("weights_enum"), tuple(exported["classes"]), exported["preprocessing"]
         checkpoint = load_model(model, weights, named or (None if weights_enum else folders), weights_enum,
                                 preprocessing, device)
+        checkpoint.card.update({key: exported[key] for key in ("edited_from", "edits") if key in (exported or {})})
     domain = checkpoint.model.domain
     heldout, skipped = load_image_folder(images, domain, f"images:{images.name}")
     if skipped:
