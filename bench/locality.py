@@ -22,8 +22,8 @@ A method is EDITOR@LAYERS[,key=value...]: EDITOR is a gradient editor (rmsprop, 
 keys lr, steps) or `local` (editcore.core.locality; keys energy, margin, copies, steps, keep=0/1 for
 session constraints, protect=S to keep steps away from earlier corrections' inputs, anchors=N (the training sample's first N
 images instead of the statistics stored for the model, `--anchor-stats`), ridge=R for the soft
-projector, guard=N: the N training-sample images with the smallest base margins join the edit's kept rows, each
-keeping the base model's class (`LocalEditor.guard_rows`; default DEFAULT_GUARD as the page, 0: none)). Prints one table; `--json FILE` writes every number.
+projector, guard=N: in a session, the N training-sample images with the smallest base margins join each edit's kept
+rows, each keeping the base model's class (`LocalEditor.guard_rows`; default DEFAULT_GUARD as the page, 0: none)). Prints one table; `--json FILE` writes every number.
 """
 from __future__ import annotations
 
@@ -100,9 +100,9 @@ class Runner:
         if keep and opts.get("keep", 1):
             keep_inputs = normalize(torch.cat([k[0] for k in keep]))
             keep_targets = torch.tensor([k[1] for k in keep], device=image.device)
-        if self.guard is not None:  # as LocalEditor: the session's corrections, then the guarded anchors
+        if self.guard is not None and keep_inputs is not None:  # as LocalEditor: the session's corrections, then the guard
             with torch.no_grad():
-                kept = self.editable.features(keep_inputs) if keep_inputs is not None else None
+                kept = self.editable.features(keep_inputs)
             keep_features, keep_targets, keep_margins = with_guard(kept, keep_targets, self.guard)
             keep_inputs = None
         return local_edit(self.editable, x, t, self.subspace, self.steps, opts.get("margin", DEFAULT_MARGIN),

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from editcore import AnchorSubspace, EditableModel, create_editor, edit, local_edit, logit_margins
-from editcore.core.locality import KEEP_MARGIN, in_conv_layout, with_guard
+from editcore.core.locality import GUARD_SHARE, KEEP_MARGIN, in_conv_layout, with_guard
 from editcore.core.models import StagedNet
 
 from conftest import make_tiny
@@ -138,21 +138,28 @@ def test_the_guard_keeps_the_anchor_classes_an_unguarded_edit_flips():
     x, normalised = editable.domain.normalize(image), editable.domain.normalize(anchors)
     with torch.no_grad():
         base, target = editable.logits(normalised).argmax(1), editable.logits(x).argsort(1)[:, -2]
-    flipped = {}
+    # a session's earlier correction, kept: the guard acts in sessions only (a single edit gains nothing from it)
+    earlier = torch.randint(0, 256, (1, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        earlier = editable.features(editable.domain.normalize(earlier))
+        keep = (earlier, editable.logits_from_features(earlier).argmax(1))
+    flipped, alone = {}, {}
     for guard in (0, 200):
         editor = create_editor("local", anchors=anchors, guard=guard, margin=2.0, energy=0.5)
-        result = edit(editable, x, target, editor, 50)
+        result = edit(editable, x, target, editor, 50, keep=keep)
         assert result.success
+        alone[guard] = edit(editable, x, target, editor, 50).params
         with torch.no_grad():
             flipped[guard] = int((editable.logits(normalised, result.params).argmax(1) != base).sum())
     assert flipped[200] * 20 < flipped[0]  # 2 of 200 against 141 when written
-    # guard=50: the 50 anchors with the smallest base margins, half of each margin kept (at most KEEP_MARGIN).
+    assert all(torch.equal(alone[0][name], alone[200][name]) for name in alone[0])  # no session: no guard
+    # guard=50: the 50 anchors with the smallest base margins, GUARD_SHARE of each margin kept (at most KEEP_MARGIN).
     features, classes, margins = create_editor("local", anchors=anchors, guard=50).guard_rows(editable)
     with torch.no_grad():
         base_margins = logit_margins(editable.logits(normalised), base)
     smallest = base_margins.argsort()[:50]
     assert torch.equal(features, editable.features(normalised[smallest])) and torch.equal(classes, base[smallest])
-    assert torch.allclose(margins, (base_margins[smallest] / 2).clamp(max=KEEP_MARGIN))
+    assert torch.allclose(margins, (base_margins[smallest] * GUARD_SHARE).clamp(max=KEEP_MARGIN))
 
 
 def test_the_guard_joins_a_sessions_corrections_in_the_layout_its_checks_run_fastest():
@@ -163,6 +170,20 @@ def test_the_guard_joins_a_sessions_corrections_in_the_layout_its_checks_run_fas
         assert torch.equal(features, torch.cat([corrections, guard[0]])) and targets.tolist() == [3, 3, 0, 1, 2]
         assert torch.allclose(margins, torch.tensor([KEEP_MARGIN, KEEP_MARGIN, 0.2, 0.4, 0.6]))
         assert features.is_contiguous(memory_format=torch.channels_last) == (len(shape) == 3)
+
+
+def test_the_guard_keeps_as_many_rows_as_a_check_may_cost(monkeypatch):
+    """GUARD_FLOPS bounds a check of the guarded rows: ResNet-20 keeps its 2,000, a 224-px model far fewer."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from editcore.core import locality
+
+    editable = EditableModel(make_tiny(seed=1), "body")
+    anchors = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        editable.logits_from_features(editable.features(editable.domain.normalize(anchors[:1])))
+    monkeypatch.setattr(locality, "GUARD_FLOPS", 3 * counter.get_total_flops() + 1)
+    assert len(create_editor("local", anchors=anchors, guard=20).guard_rows(editable)[0]) == 3
 
 
 def test_kept_rows_that_hold_cost_the_edit_nothing():

@@ -30,6 +30,7 @@ from collections import OrderedDict
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from .anchor_stats import anchor_covariances, owner, recording_inputs, shipped_covariances, weights_fingerprint
 from .augment_views import view_specs
@@ -40,17 +41,18 @@ from .heldout import native_bfloat16, settled_margins
 
 DEFAULT_EDITOR = "local"  # the page's and evaluate-edits' default editor (docs/LOCALITY.md)
 DEFAULT_ENERGY = 0.1  # share of the anchors' input energy the edit may touch
-DEFAULT_MARGIN = 3.0  # logit margin the edit aims for (target logit - best other logit)
+DEFAULT_MARGIN = 2.5  # logit margin the edit aims for (target logit - best other logit)
 DEFAULT_COPIES = 8  # random crop/flip copies of the edited image, edited with it
 DEFAULT_MAX_STEPS = 20
 MAX_HALVINGS = 8  # line search: a step is halved at most this often before the edit gives up
 KEEP_MARGIN = 1.0  # earlier corrections of a session are kept at least this far above the next class
-# guard=N: every edit also keeps the base model's class on the N anchor images with the smallest base margins, each
-# with GUARD_SHARE of its base margin (at most KEEP_MARGIN). A session of 200 drifts less, each edit costs ~3x the
-# time (docs/LOCALITY.md), so the page does not use it (0).
-DEFAULT_GUARD = 0
-GUARD_SHARE = 0.5
-GUARD_BYTES = 64 * 2**20  # fewer guarded images where their features would take more (224-px models: ~160)
+# guard=N: once a session keeps corrections, each later edit also keeps the base model's class on the N anchor images
+# with the smallest base margins, each with GUARD_SHARE of its base margin (at most KEEP_MARGIN): a session of 200
+# corrections drifts half as far (docs/LOCALITY.md). A single edit gains nothing from it and would take 2x the time. At most GUARD_FLOPS per check of those rows: the cost of ResNet-20's 2,000 (26 MFLOP each after
+# layer2, ~0.1 s on two cores in bfloat16); a 224-px ResNet-18 edited at layer3 gets ~60 rows, a one-stage ViT one.
+DEFAULT_GUARD = 2000
+GUARD_SHARE = 0.9
+GUARD_FLOPS = 2000 * 26_215_680
 SAMPLE_COVARIANCES_KEPT = 4  # models whose training-sample covariances a process keeps (~18 MB each for layer3)
 
 
@@ -299,13 +301,11 @@ def in_conv_layout(features: torch.Tensor) -> torch.Tensor:
     return features.contiguous(memory_format=torch.channels_last) if features.dim() == 4 else features
 
 
-def with_guard(keep_features: torch.Tensor | None, keep_targets: torch.Tensor | None,
+def with_guard(keep_features: torch.Tensor, keep_targets: torch.Tensor,
                guard: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A session's corrections to keep (KEEP_MARGIN each) and the guarded anchors (`LocalEditor.guard_rows`) as one
     set of kept rows: (features, targets, margins) for `local_edit`."""
     features, classes, margins = guard
-    if keep_features is None:
-        return features, classes, margins
     keep_features = in_conv_layout(keep_features.to(features.device))  # as the guard's, so the rows stay in it
     return (torch.cat([keep_features, features]),
             torch.cat([keep_targets.view(-1).to(classes.device), classes]),
@@ -341,14 +341,13 @@ class LocalEditor(Editor):
         self.guard = int(guard)
 
     def hyperparameters(self) -> dict[str, float]:
-        # No guard, no key: such an editor's results (and the Measure tab's stored ones) are those from before it.
         return {"lr": float(self.lr.detach()), "energy": self.energy, "margin": self.margin, "copies": self.copies,
-                **({"guard": self.guard} if self.guard else {})}
+                "guard": self.guard}
 
     def guard_rows(self, editable: EditableModel) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(features, classes, margins) of the guarded anchor images: of this editor's anchors, else the model's,
         else the shipped training sample, the `guard` whose base-model margins are smallest (the images an edit
-        flips first; at most GUARD_BYTES of features), with their base-model classes, each to be kept with
+        flips first; at most GUARD_FLOPS a check), with their base-model classes, each to be kept with
         GUARD_SHARE of its base margin, at most KEEP_MARGIN. Computed once per base model, as the subspace."""
         cache = (editable.cache if self.anchors is None else self.__dict__).setdefault("_guard_rows", {})
         key = (editable.prefixes, self.guard) if self.anchors is None else (id(editable), self.guard)
@@ -366,8 +365,9 @@ class LocalEditor(Editor):
                                     for i in range(0, len(anchors), 500)])
                 classes = logits.argmax(1)
                 margins = logit_margins(logits, classes)
-                per_image = features(anchors[:1])[0]
-                count = min(self.guard, max(1, GUARD_BYTES // (per_image.numel() * per_image.element_size())))
+                with FlopCounterMode(display=False) as counter:
+                    editable.logits_from_features(features(anchors[:1]))
+                count = min(self.guard, GUARD_FLOPS // max(1, counter.get_total_flops()))
                 rows = margins.argsort()[:count].cpu()
                 cache[key] = (in_conv_layout(features(anchors[rows])),
                               classes[rows.to(classes.device)],
@@ -404,7 +404,7 @@ class LocalEditor(Editor):
                    params: Params | None = None, keep: tuple[torch.Tensor, torch.Tensor] | None = None) -> EditResult:
         keep_features, keep_targets = keep if keep is not None else (None, None)
         keep_margins = None
-        if self.guard:
+        if self.guard and keep_features is not None and len(keep_features):  # a session with corrections to keep
             keep_features, keep_targets, keep_margins = with_guard(keep_features, keep_targets, self.guard_rows(editable))
         return local_edit(editable, inputs, targets, self.subspace(editable), max_steps, self.margin, self.copies,
                           params, keep_targets=keep_targets, step_scale=float(self.lr.detach()),

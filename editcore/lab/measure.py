@@ -352,15 +352,18 @@ def _plan(shared: SharedModel, name: str, settings: MeasureSettings, sets: Proto
 
 
 def prepare_editors(models: dict[str, SharedModel], editors: tuple[str, ...] = DEFAULT_EDITORS) -> None:
-    """Compute once what an editor needs per model before its first edit (the local editor's anchor subspace,
-    a few seconds of CPU), so that a protocol run's first edits, and the first visitor's, do not wait for it.
+    """Compute once what an editor needs per model before its first edit (the local editor's anchor subspace and
+    guarded rows, a few seconds of CPU), so that a protocol run's first edits, and the first visitor's, do not wait for it.
     The app's server calls it in the background at start."""
     for shared in models.values():
         for name in editors:
             editor = create_editor(name)
             if hasattr(editor, "subspace"):
                 with shared.replica() as replica:
-                    editor.to(shared.device).subspace(shared.editable(shared.layers_for(name), replica))
+                    editable = shared.editable(shared.layers_for(name), replica)
+                    editor.to(shared.device).subspace(editable)
+                    if editor.guard:
+                        editor.guard_rows(editable)
 
 
 def cached_rows(models: dict[str, SharedModel], settings: MeasureSettings, test_set: ImageSet,
