@@ -48,8 +48,9 @@ MAX_HALVINGS = 8  # line search: a step is halved at most this often before the 
 KEEP_MARGIN = 1.0  # earlier corrections of a session are kept at least this far above the next class
 # guard=N: once a session keeps corrections, each later edit also keeps the base model's class on the N anchor images
 # with the smallest base margins, each with GUARD_SHARE of its base margin (at most KEEP_MARGIN): a session of 200
-# corrections drifts half as far (docs/LOCALITY.md). A single edit gains nothing from it and would take 2x the time. At most GUARD_FLOPS per check of those rows: the cost of ResNet-20's 2,000 (26 MFLOP each after
-# layer2, ~0.1 s on two cores in bfloat16); a 224-px ResNet-18 edited at layer3 gets ~60 rows, a one-stage ViT one.
+# corrections drifts half as far (docs/LOCALITY.md). A single edit gains nothing from it and would take ~7x the time.
+# At most GUARD_FLOPS per check of those rows: the cost of ResNet-20's 2,000 (26 MFLOP each after layer2, ~0.1 s on
+# two cores in bfloat16); a 224-px ResNet-18 edited at layer3 keeps 31 rows, a ViT-B/16 (run whole) 2.
 DEFAULT_GUARD = 2000
 GUARD_SHARE = 0.9
 GUARD_FLOPS = 2000 * 26_215_680
