@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -59,10 +60,31 @@ def x86_cpu_flags() -> frozenset[str] | None:
     return None
 
 
+def bfloat16_tolerance(scale: torch.Tensor) -> torch.Tensor:
+    """How far a bfloat16 logit difference may be from float32's, per row, for rows whose logits are about `scale`."""
+    return MARGIN_ABS + MARGIN_REL * scale.abs()
+
+
 def unsure_rows(logits: torch.Tensor) -> torch.Tensor:
     """Indices of the rows whose low-precision top-2 margin is too small to trust their argmax."""
     top2 = logits.topk(2, dim=1).values
-    return torch.nonzero(top2[:, 0] - top2[:, 1] < MARGIN_ABS + MARGIN_REL * top2[:, 0].abs()).view(-1)
+    return torch.nonzero(top2[:, 0] - top2[:, 1] < bfloat16_tolerance(top2[:, 0])).view(-1)
+
+
+def mixed_logits(suffix: Callable[[torch.Tensor], torch.Tensor], features: torch.Tensor, batch_size: int,
+                 mixed_precision: bool, unsure: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(logits, rows recomputed): `suffix` on `features` in batches of `batch_size`; with `mixed_precision` in
+    bfloat16, then again in float32 for the rows `unsure(logits)` picks (indices), so their float32 values decide."""
+    batches = lambda items: range(0, len(items), batch_size)  # noqa: E731
+    with torch.autocast(features.device.type, dtype=torch.bfloat16, enabled=mixed_precision):
+        logits = torch.cat([suffix(features[i : i + batch_size]) for i in batches(features)])
+    if not mixed_precision:
+        return logits, 0
+    rows = unsure(logits)
+    for i in batches(rows):
+        chosen = rows[i : i + batch_size]
+        logits[chosen] = suffix(features[chosen])
+    return logits, len(rows)
 
 
 @torch.no_grad()
@@ -70,21 +92,12 @@ def settled_margins(editable: EditableModel, features: torch.Tensor, targets: to
                     params: Params | None, mixed_precision: bool, batch_size: int = EVAL_BATCH) -> torch.Tensor:
     """Each row's logit margin (`logit_margins`: target minus the best other class) at `params`, from its features
     entering the editable stage, to be compared with its threshold. With `mixed_precision` the margins come from
-    bfloat16, and float32 settles every row whose bfloat16 margin lies within MARGIN_ABS + MARGIN_REL * |top logit|
-    of its threshold (as `HeldOutEvaluator.logits` settles argmaxes), so each row's side of it is float32's."""
+    bfloat16, and float32 settles every row whose bfloat16 margin lies within `bfloat16_tolerance` of its
+    threshold (as `HeldOutEvaluator.logits` settles argmaxes), so each row's side of it is float32's."""
     suffix = lambda inputs: editable.logits_from_features(inputs, params or None).float()  # noqa: E731
-    margins = torch.empty(len(features), device=features.device)
-    for start in range(0, len(features), batch_size):
-        rows, classes, floor = (part[start : start + batch_size] for part in (features, targets, thresholds))
-        with torch.autocast(features.device.type, dtype=torch.bfloat16, enabled=mixed_precision):
-            logits = suffix(rows)
-        batch = logit_margins(logits, classes)
-        if mixed_precision:
-            unsure = torch.nonzero((batch - floor).abs() < MARGIN_ABS + MARGIN_REL * logits.abs().amax(1)).view(-1)
-            if len(unsure):
-                batch[unsure] = logit_margins(suffix(rows[unsure]), classes[unsure])
-        margins[start : start + batch_size] = batch
-    return margins
+    near = lambda logits: torch.nonzero(  # noqa: E731
+        (logit_margins(logits, targets) - thresholds).abs() < bfloat16_tolerance(logits.abs().amax(1))).view(-1)
+    return logit_margins(mixed_logits(suffix, features, batch_size, mixed_precision, near)[0], targets)
 
 
 class HeldOutEvaluator:
@@ -124,16 +137,8 @@ class HeldOutEvaluator:
         all rows runs, so in float32 ranges put together give the same logits bit for bit."""
         features = self.features[rows]
         suffix = lambda inputs: self.editable.logits_from_features(inputs, params or None).float()  # noqa: E731
-        batches = lambda items: range(0, len(items), self.batch_size)  # noqa: E731
         with eval_mode(self.editable.model):
-            with torch.autocast(features.device.type, dtype=torch.bfloat16, enabled=self.mixed_precision):
-                logits = torch.cat([suffix(features[i : i + self.batch_size]) for i in batches(features)])
-            if self.mixed_precision:
-                unsure = unsure_rows(logits)
-                for i in batches(unsure):
-                    chosen = unsure[i : i + self.batch_size]
-                    logits[chosen] = suffix(features[chosen])
-                self.recomputed = len(unsure)
+            logits, self.recomputed = mixed_logits(suffix, features, self.batch_size, self.mixed_precision, unsure_rows)
         return logits
 
     @torch.no_grad()

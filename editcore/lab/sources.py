@@ -84,7 +84,8 @@ def open_folder_setup(model: str, weights: str | Path, images: str | Path, ancho
             weights_enum, named, preprocessing = exported.get("weights_enum"), tuple(exported["classes"]), exported["preprocessing"]
         checkpoint = load_model(model, weights, named or (None if weights_enum else folders), weights_enum,
                                 preprocessing, device)
-        checkpoint.card.update({key: exported[key] for key in ("edited_from", "edits") if key in (exported or {})})
+        if exported is not None:  # its edit history travels on
+            checkpoint.card.update({key: exported[key] for key in ("edited_from", "edits") if key in exported})
     domain = checkpoint.model.domain
     heldout, skipped = load_image_folder(images, domain, f"images:{images.name}")
     if skipped:
