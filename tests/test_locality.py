@@ -144,18 +144,21 @@ def test_the_guard_keeps_the_anchor_classes_an_unguarded_edit_flips():
         earlier = editable.features(editable.domain.normalize(earlier))
         keep = (earlier, editable.logits_from_features(earlier).argmax(1))
     flipped, alone = {}, {}
-    for guard in (0, 200):
+    for guard in (0, 400):  # 400: the anchors and their mirror images
         editor = create_editor("local", anchors=anchors, guard=guard, margin=2.0, energy=0.5)
         result = edit(editable, x, target, editor, 50, keep=keep)
         assert result.success
         alone[guard] = edit(editable, x, target, editor, 50).params
         with torch.no_grad():
             flipped[guard] = int((editable.logits(normalised, result.params).argmax(1) != base).sum())
-    assert flipped[200] * 20 < flipped[0]  # 2 of 200 against 141 when written
-    assert all(torch.equal(alone[0][name], alone[200][name]) for name in alone[0])  # no session: no guard
-    # guard=50: the 50 anchors with the smallest base margins, GUARD_SHARE of each margin kept (at most KEEP_MARGIN).
+    assert flipped[400] * 20 < flipped[0]  # 2 of 200 against 141 when written
+    assert all(torch.equal(alone[0][name], alone[400][name]) for name in alone[0])  # no session: no guard
+    # guard=50: of the anchors and their mirror images, the 50 with the smallest base margins, GUARD_SHARE of each
+    # margin kept (at most KEEP_MARGIN).
     features, classes, margins = create_editor("local", anchors=anchors, guard=50).guard_rows(editable)
+    normalised = editable.domain.normalize(torch.cat([anchors, anchors.flip(-1)]))
     with torch.no_grad():
+        base = editable.logits(normalised).argmax(1)
         base_margins = logit_margins(editable.logits(normalised), base)
     smallest = base_margins.argsort()[:50]
     assert torch.equal(features, editable.features(normalised[smallest])) and torch.equal(classes, base[smallest])
@@ -173,7 +176,7 @@ def test_the_guard_joins_a_sessions_corrections_in_the_layout_its_checks_run_fas
 
 
 def test_the_guard_keeps_as_many_rows_as_a_check_may_cost(monkeypatch):
-    """GUARD_FLOPS bounds a check of the guarded rows: ResNet-20 keeps its 2,000, a 224-px model far fewer."""
+    """GUARD_FLOPS bounds a check of the guarded rows: ResNet-20 keeps its 4,000, a 224-px model far fewer."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from editcore.core import locality

@@ -46,14 +46,14 @@ DEFAULT_COPIES = 8  # random crop/flip copies of the edited image, edited with i
 DEFAULT_MAX_STEPS = 20
 MAX_HALVINGS = 8  # line search: a step is halved at most this often before the edit gives up
 KEEP_MARGIN = 1.0  # earlier corrections of a session are kept at least this far above the next class
-# guard=N: once a session keeps corrections, each later edit also keeps the base model's class on the N anchor images
-# with the smallest base margins, each with GUARD_SHARE of its base margin (at most KEEP_MARGIN): a session of 200
-# corrections drifts half as far (docs/LOCALITY.md). A single edit gains nothing from it and would take ~7x the time.
-# At most GUARD_FLOPS per check of those rows: the cost of ResNet-20's 2,000 (26 MFLOP each after layer2, ~0.1 s on
-# two cores in bfloat16); a 224-px ResNet-18 edited at layer3 keeps 31 rows, a ViT-B/16 (run whole) 2.
-DEFAULT_GUARD = 2000
+# guard=N: once a session keeps corrections, each later edit also keeps the base model's class on the N images with
+# the smallest base margins among the anchor images and their mirror images, each with GUARD_SHARE of its base margin
+# (at most KEEP_MARGIN): a session of 200 corrections drifts a third as far (docs/LOCALITY.md). A single edit gains
+# nothing from it and would take ~7x the time. At most GUARD_FLOPS per check of those rows: the cost of ResNet-20's
+# 4,000 (26 MFLOP each after layer2, ~0.2 s on two cores in bfloat16); a 224-px ResNet-18 edited at layer3 keeps 62.
+DEFAULT_GUARD = 4000
 GUARD_SHARE = 0.9
-GUARD_FLOPS = 2000 * 26_215_680
+GUARD_FLOPS = 4000 * 26_215_680
 SAMPLE_COVARIANCES_KEPT = 4  # models whose training-sample covariances a process keeps (~18 MB each for layer3)
 
 
@@ -346,9 +346,9 @@ class LocalEditor(Editor):
                 "guard": self.guard}
 
     def guard_rows(self, editable: EditableModel) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(features, classes, margins) of the guarded anchor images: of this editor's anchors, else the model's,
-        else the shipped training sample, the `guard` whose base-model margins are smallest (the images an edit
-        flips first; at most GUARD_FLOPS a check), with their base-model classes, each to be kept with
+        """(features, classes, margins) of the guarded images: of this editor's anchors, else the model's, else the
+        shipped training sample, and of their mirror images, the `guard` whose base-model margins are smallest (the
+        images an edit flips first; at most GUARD_FLOPS a check), with their base-model classes, each to be kept with
         GUARD_SHARE of its base margin, at most KEEP_MARGIN. Computed once per base model, as the subspace."""
         cache = (editable.cache if self.anchors is None else self.__dict__).setdefault("_guard_rows", {})
         key = (editable.prefixes, self.guard) if self.anchors is None else (id(editable), self.guard)
@@ -356,6 +356,8 @@ class LocalEditor(Editor):
             device = next(editable.model.parameters()).device
             anchors = self.anchors if self.anchors is not None else editable.anchors
             anchors = load_train_sample().images if anchors is None else anchors
+            # Mirror images: as many new rows again, as natural as the anchors (training flips them too), for free.
+            anchors = torch.cat([anchors, anchors.flip(-1)])
 
             def features(images: torch.Tensor) -> torch.Tensor:
                 return torch.cat([editable.features(editable.domain.normalize(images[i : i + 500].to(device)))
