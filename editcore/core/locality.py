@@ -50,7 +50,8 @@ KEEP_MARGIN = 1.0  # earlier corrections of a session are kept at least this far
 # the smallest base margins among the anchor images and their mirror images, each with GUARD_SHARE of its base margin
 # (at most KEEP_MARGIN): a session of 200 corrections drifts a third as far (docs/LOCALITY.md). A single edit gains
 # nothing from it and would take ~7x the time. At most GUARD_FLOPS per check of those rows: the cost of ResNet-20's
-# 4,000 (26 MFLOP each after layer2, ~0.2 s on two cores in bfloat16); a 224-px ResNet-18 edited at layer3 keeps 62.
+# 4,000 (26 MFLOP each after layer2; 2,000 took 0.09 s on two cores in bfloat16); a 224-px ResNet-18 edited at
+# layer3 keeps 63.
 DEFAULT_GUARD = 4000
 GUARD_SHARE = 0.9
 GUARD_FLOPS = 4000 * 26_215_680
