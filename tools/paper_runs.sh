@@ -59,7 +59,10 @@ start() {
 snapshots() {  # while run $1 trains, keep a copy of its state as each epoch ends
   local dir=runs/$1
   while running "$1"; do
-    sleep 20
+    # The epoch's state is replaced EVERY steps later (~25 s at two threads): look often, but only at a new state.
+    sleep 2
+    [ "$dir/state.json" -nt "$dir/.snapshot_seen" ] || continue
+    touch "$dir/.snapshot_seen"
     local n
     n=$(progress "$dir" | awk '$2 == 0 {print $1}')
     if [ -n "$n" ] && [ "$n" -gt 0 ] && [ ! -f "$dir/ep$n.state.safetensors" ]; then
