@@ -76,7 +76,7 @@ def test_first_step_is_the_polyak_step_along_the_projected_gradient(linear):
     loss = torch.relu(3.0 - logit_margins(nn.functional.linear(query, weight, bias), target)).mean()
     grad = torch.autograd.grad(loss, weight)[0]
     direction = grad @ subspace.projectors["head.weight"]
-    expected = weight.detach() - float(loss) / float((direction * direction).sum()) * direction
+    expected = weight.detach() - float(loss.detach()) / float((direction * direction).sum()) * direction
     for scale in (1.0, 0.5):
         result = local_edit(editable, query, target, subspace, max_steps=1, margin=3.0, copies=0, step_scale=scale)
         step = result.params["head.weight"] - weight.detach()
@@ -176,17 +176,42 @@ def test_the_guard_joins_a_sessions_corrections_in_the_layout_its_checks_run_fas
 
 
 def test_the_guard_keeps_as_many_rows_as_a_check_may_cost(monkeypatch):
-    """GUARD_FLOPS bounds a check of the guarded rows: ResNet-20 keeps its 4,000, a 224-px model far fewer."""
+    """GUARD_FLOPS bounds a check of the guarded rows, counted on the stage the check runs (after the features):
+    a model whose check of a row costs more keeps fewer rows."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from editcore.core import locality
 
     editable = EditableModel(make_tiny(seed=1), "body")
     anchors = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(7))
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        editable.logits_from_features(editable.features(editable.domain.normalize(anchors[:1])))
-    monkeypatch.setattr(locality, "GUARD_FLOPS", 3 * counter.get_total_flops() + 1)
+    with torch.no_grad():
+        one_row = editable.features(editable.domain.normalize(anchors[:1]))
+        with FlopCounterMode(display=False) as whole:
+            editable.logits_from_features(editable.features(editable.domain.normalize(anchors[:1])))
+        with FlopCounterMode(display=False) as check:
+            editable.logits_from_features(one_row)
+    assert whole.get_total_flops() > check.get_total_flops()  # else this test could not tell the two counts apart
+    # the check of a row runs the stage after the features only: that is what a row costs, not a whole forward pass
+    monkeypatch.setattr(locality, "GUARD_FLOPS", 3 * check.get_total_flops() + 1)
     assert len(create_editor("local", anchors=anchors, guard=20).guard_rows(editable)[0]) == 3
+
+
+def test_the_shipped_resnet20_guards_exactly_the_default_rows():
+    """GUARD_FLOPS is DEFAULT_GUARD checks of a shipped ResNet-20 row: the page's model keeps all DEFAULT_GUARD."""
+    from pathlib import Path
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from editcore.core.checkpoint import load_checkpoint
+    from editcore.core.locality import DEFAULT_GUARD, GUARD_FLOPS
+
+    model = load_checkpoint(Path(__file__).parents[1] / "assets" / "resnet20_editable.safetensors").model
+    editable = EditableModel(model, "layer3")
+    with torch.no_grad():
+        one_row = editable.features(torch.zeros(1, 3, 32, 32))
+        with FlopCounterMode(display=False) as check:
+            editable.logits_from_features(one_row)
+    assert GUARD_FLOPS // check.get_total_flops() == DEFAULT_GUARD
 
 
 def test_kept_rows_that_hold_cost_the_edit_nothing():
