@@ -145,14 +145,22 @@ def session(runner: Runner, heldout: HeldOutEvaluator, indices, edits: ImageSet,
     corrections asked for, those the final model predicts right; `kept_curve` the kept ones holding after each.
     `accuracy_curve` is scored after every `score_every`-th correction and after the last (None elsewhere), so a
     long session on the full test set does not pay a 10,000-image re-evaluation per correction. `change_curve`: the
-    session's total change after each correction, |sum of its edits| / |edited weights| (a change budget's measure)."""
+    session's total change after each correction, |sum of its edits| / |edited weights| (a change budget's measure).
+    `views_before` / `generalization_curve`: per correction, the share of its augmented views at the target before it,
+    and the gain it made (0 when rolled back), whose mean is `generalization`. Later in a session `views_before`
+    rises (earlier corrections carry over to new images), so the gain falls while the views reached do not:
+    `views_base` is each share under the unedited model, `generalization_from_base` the mean of (reached - base).
+    `views_at_end`: each correction's share under the session's final model (do later edits wear it away?)."""
     params, keep, curve, kept, gains, successes, rolled_back, seconds, changes = {}, [], [], [], [], [], [], [], []
+    views_before, views_base = [], []
     base_params = runner.editable.frozen_base_params()
     exclude = {int(edits.indices[r]) for r in rows}
     base = accuracy(heldout, indices, heldout.base_predictions, exclude)
     for position, (row, target) in enumerate(zip(rows, targets), 1):
         image = edits.images[row : row + 1]
         before = views_at_target(runner, image, target, params)
+        views_before.append(before)
+        views_base.append(views_at_target(runner, image, target, {}))
         result = runner.edit(image, target, params, keep)
         successes.append(result.success)
         seconds.append(result.seconds)
@@ -170,10 +178,20 @@ def session(runner: Runner, heldout: HeldOutEvaluator, indices, edits: ImageSet,
         changes.append(relative_change(params, base_params))
     asked = edits.images[torch.as_tensor(rows)]
     held = int((runner.predict(asked, params).cpu() == torch.as_tensor(targets).cpu()).sum())
+    at_end = [views_at_target(runner, edits.images[row : row + 1], target, params) for row, target in zip(rows, targets)]
+    # The final drop split into held-out images the session fixed and broke, and the classes the broken ones went to.
+    others = torch.tensor([int(i) not in exclude for i in indices], device=heldout.labels.device)
+    final, was = heldout.predict(params)[others], heldout.base_predictions[others]
+    right_before, right_after = was == heldout.labels[others], final == heldout.labels[others]
+    broken_to = torch.bincount(final[right_before & ~right_after].cpu(), minlength=10).tolist()
     return {"base_accuracy": base, "accuracy_curve": curve, "kept_curve": kept, "final_drop": 100 * (base - curve[-1]),
             "kept": kept[-1], "held": held, "rolled_back": sum(rolled_back), "n": len(rows),
             "success_rate": sum(successes) / len(successes), "generalization": statistics.mean(gains),
-            "edit_seconds": seconds, "change_curve": changes}
+            "edit_seconds": seconds, "change_curve": changes, "views_before": views_before, "generalization_curve": gains,
+            "views_base": views_base, "views_at_end": at_end, "heldout_fixed": int((~right_before & right_after).sum()),
+            "heldout_broken": int((right_before & ~right_after).sum()), "broken_to_class": broken_to,
+            "targets_per_class": torch.bincount(torch.as_tensor(targets), minlength=10).tolist(),
+            "generalization_from_base": statistics.mean(b + g - b0 for b, g, b0 in zip(views_before, gains, views_base))}
 
 
 def relative_change(params, base_params) -> float:
@@ -284,7 +302,8 @@ def format_row(row: dict, protocols) -> str:
             parts.append(f"{protocol}: drop {statistics.mean(drops):5.2f} (worst {max(drops):.2f}) "
                          f"held {min(s['held'] for s in value)}-{max(s['held'] for s in value)}/{value[0]['n']} "
                          f"rolled back {sum(s['rolled_back'] for s in value)} "
-                         f"gen {statistics.mean(s['generalization'] for s in value):+.2f}")
+                         f"gen {statistics.mean(s['generalization'] for s in value):+.2f} "
+                         f"(from the unedited model {statistics.mean(s['generalization_from_base'] for s in value):+.2f})")
     parts.append(f"[{row['seconds']:.0f}s]")
     return " | ".join(parts)
 
