@@ -22,8 +22,8 @@ export PYTHONUNBUFFERED=1
 OUT="${OUT:?set OUT, the folder whose files come back}"
 DEVICE="${DEVICE:-cuda}" BUDGET="${BUDGET:-420}" EVERY="${EVERY:-100}" START="${START:-}" SNAP_EVERY="${SNAP_EVERY:-5}"
 PY="${PYTHON:-python3}" RUNS="${RUNS:-paper_editable paper_baseline}"
-if [ "$DEVICE" != cpu ]; then nvidia-smi -L; fi
-if [ -d .gpudata ]; then source tools/unpack_gpudata.sh; fi
+# The carried pack is unpacked on the GPU machine only: a CPU check (the test) must not unpack a local .gpudata.
+if [ "$DEVICE" != cpu ]; then nvidia-smi -L; [ -d .gpudata ] && source tools/unpack_gpudata.sh; fi
 # On the GPU the full CIFAR-10 is required; a CPU check may run on the embedded sample (no data root).
 if [ -n "${EDITLAB_DATA:-}" ]; then DATA=(--data-root "$EDITLAB_DATA");
 elif [ "$DEVICE" = cpu ]; then DATA=();
