@@ -241,7 +241,12 @@ def evaluate_edits_on_ranks(args, ranks: Ranks, device: torch.device) -> int:
                          "as the model's classes)")
     setup = folder_setup_from_args(args, device)
     ckpt = setup.checkpoint if setup else load_checkpoint(args.checkpoint, device)
-    editor, learned = protocol_editor(args.editor, ckpt.editor, args.lr)
+    # The paper judges both models under the editor editable training learned: --editor-from takes it from there.
+    learned_editor = load_checkpoint(args.editor_from, device).editor if args.editor_from else ckpt.editor
+    if args.editor_from and (learned_editor is None or learned_editor.name != args.editor):
+        raise ValueError(f"--editor-from {args.editor_from}: that checkpoint learned no {args.editor} editor "
+                         f"(it has {learned_editor.name if learned_editor else 'none'}); name its editor with --editor")
+    editor, learned = protocol_editor(args.editor, learned_editor, args.lr)
     # An editor's own default layers (the local editor's conv) are the model's choice for it when it names one.
     own = editor.default_layers and (ckpt.card.get("local_layer") or editor.default_layers)
     prefix = args.editable_prefix or own or ckpt.card.get("editable_prefix") or "layer3"
@@ -281,7 +286,7 @@ def evaluate_edits_on_ranks(args, ranks: Ranks, device: torch.device) -> int:
     if not ranks.is_main:
         return 0
     summary.update(checkpoint=str(args.checkpoint or args.weights), editor=editor.name, editor_hparams=editor.hyperparameters(),
-                   editor_learned=learned, protocol=args.protocol, layers=prefix, device=str(device), data=test_set.source,
+                   editor_learned=learned, editor_from=args.editor_from, protocol=args.protocol, layers=prefix, device=str(device), data=test_set.source,
                    edit_source_overlaps_heldout=sets.overlaps,
                    threads=torch.get_num_threads())
     if args.protocol == "nae":
@@ -537,6 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--editor", default=DEFAULT_EDITOR, choices=sorted(EDITORS),
                    help=f"default {DEFAULT_EDITOR} (the page's); naming the checkpoint's learned editor uses its learned lr")
     p.add_argument("--lr", type=float, default=None, help="editor learning rate (default: learned, else the editor's default)")
+    p.add_argument("--editor-from", default=None, metavar="CHECKPOINT",
+                   help="the editor (lr, betas) this other checkpoint learned, e.g. a baseline judged under the editable "
+                        "model's editor")
     p.add_argument("--max-steps", type=int, default=None, help="default: the editor's (local 20, the others 10)")
     p.add_argument("--n-edits", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)

@@ -61,6 +61,22 @@ def test_evaluate_edits_json_on_the_sample():
     assert -1.0 <= summary["drawdown"] <= 1.0 and summary["seconds"] >= 0
 
 
+def test_a_baseline_is_judged_under_the_editor_the_editable_model_learned(monkeypatch, capsys):
+    """--editor-from: the other checkpoint's learned editor (lr and beta), as the paper judges both models; a
+    checkpoint that learned no such editor is refused with a clear message."""
+    monkeypatch.delenv("EDITLAB_DATA", raising=False)
+    editable = ROOT / "assets" / "resnet20_editable.safetensors"
+    learned = json.loads(editable.with_suffix(".json").read_text())["editor"]
+    args = ["evaluate-edits", "--checkpoint", str(ROOT / "assets" / "resnet20_baseline.safetensors"),
+            "--editor", learned["name"], "--n-edits", "2", "--heldout-size", "50", "--device", "cpu", "--json"]
+    assert main([*args, "--editor-from", str(editable)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["editor_learned"] and summary["editor_from"] == str(editable)
+    assert summary["editor_hparams"] == pytest.approx({"lr": learned["lr"], "beta": learned["beta"]})
+    assert main([*args, "--editor-from", str(ROOT / "assets" / "resnet20_baseline.safetensors")]) == 2
+    assert "learned no rmsprop editor" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_info_prints_the_card(trained):
     out, _ = trained
