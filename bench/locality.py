@@ -113,9 +113,14 @@ class Runner:
         return full_logits(self.model, images, params or None).argmax(1)
 
 
+def not_edited(indices: torch.Tensor, exclude: set[int], device) -> torch.Tensor:
+    """Mask of the held-out rows whose test index (`indices`) is not an edited image's."""
+    return torch.tensor([int(i) not in exclude for i in indices], device=device)
+
+
 def accuracy(heldout: HeldOutEvaluator, indices: torch.Tensor, predictions: torch.Tensor, exclude: set[int]) -> float:
     """Held-out accuracy over the rows whose test index (`indices`) is not an edited image's."""
-    mask = torch.tensor([int(i) not in exclude for i in indices], device=predictions.device)
+    mask = not_edited(indices, exclude, predictions.device)
     return float((predictions[mask] == heldout.labels[mask]).float().mean())
 
 
@@ -172,7 +177,9 @@ def session(runner: Runner, heldout: HeldOutEvaluator, indices, edits: ImageSet,
             keep.append((image, int(target)))
         gains.append(views_at_target(runner, image, target, params) - before)
         scored = position % score_every == 0 or position == len(rows)
-        curve.append(accuracy(heldout, indices, heldout.predict(params), exclude) if scored else None)
+        if scored:  # the last position always is: `predictions` ends as the final model's
+            predictions = heldout.predict(params)
+        curve.append(accuracy(heldout, indices, predictions, exclude) if scored else None)
         kept.append(int((runner.predict(torch.cat([k[0] for k in keep]), params).cpu() ==
                          torch.tensor([k[1] for k in keep])).sum()) if keep else 0)
         changes.append(relative_change(params, base_params))
@@ -180,8 +187,8 @@ def session(runner: Runner, heldout: HeldOutEvaluator, indices, edits: ImageSet,
     held = int((runner.predict(asked, params).cpu() == torch.as_tensor(targets).cpu()).sum())
     at_end = [views_at_target(runner, edits.images[row : row + 1], target, params) for row, target in zip(rows, targets)]
     # The final drop split into held-out images the session fixed and broke, and the classes the broken ones went to.
-    others = torch.tensor([int(i) not in exclude for i in indices], device=heldout.labels.device)
-    final, was = heldout.predict(params)[others], heldout.base_predictions[others]
+    others = not_edited(indices, exclude, predictions.device)
+    final, was = predictions[others], heldout.base_predictions[others]
     right_before, right_after = was == heldout.labels[others], final == heldout.labels[others]
     broken_to = torch.bincount(final[right_before & ~right_after].cpu(), minlength=10).tolist()
     return {"base_accuracy": base, "accuracy_curve": curve, "kept_curve": kept, "final_drop": 100 * (base - curve[-1]),
