@@ -286,7 +286,8 @@ def evaluate_edits_on_ranks(args, ranks: Ranks, device: torch.device) -> int:
     if not ranks.is_main:
         return 0
     summary.update(checkpoint=str(args.checkpoint or args.weights), editor=editor.name, editor_hparams=editor.hyperparameters(),
-                   editor_learned=learned, editor_from=args.editor_from, protocol=args.protocol, layers=prefix, device=str(device), data=test_set.source,
+                   editor_learned=learned, editor_from=args.editor_from, protocol=args.protocol, layers=prefix,
+                   device=str(device), data=test_set.source,
                    edit_source_overlaps_heldout=sets.overlaps,
                    threads=torch.get_num_threads())
     if args.protocol == "nae":
