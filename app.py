@@ -9,12 +9,11 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 
 import torch  # noqa: E402
 
-from editcore import (DEFAULT_THREADS, DataError, Lab, add_folder_arguments, folder_setup_from_args,  # noqa: E402
-                      limit_allocator_retention, pick_device, prepare_editors, read_card)
+from editcore import (DEFAULT_THREADS, SHIPPED_MODELS, DataError, Lab, add_folder_arguments,  # noqa: E402
+                      folder_setup_from_args, limit_allocator_retention, pick_device, prepare_editors, read_card)
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-DEFAULT_CHECKPOINTS = [f"baseline={ASSETS / 'resnet20_baseline.safetensors'}",
-                       f"editable={ASSETS / 'resnet20_editable.safetensors'}"]
+DEFAULT_CHECKPOINTS = [f"{name}={path}" for name, path in SHIPPED_MODELS.items()]
 
 
 def checkpoint_names(values: list[str] | None) -> list[tuple[str, Path]]:
@@ -46,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "(default: $EDITLAB_DATA, else the embedded 1,000-image sample)")
     parser.add_argument("--checkpoint", action="append", default=None, metavar="[NAME=]PATH",
                         help="a model to edit; repeat or comma-separate for several (default: "
-                             "assets/resnet20_baseline.safetensors and assets/resnet20_editable.safetensors)")
+                             "assets/resnet20_scratch_baseline.safetensors and assets/resnet20_scratch_editable.safetensors)")
     parser.add_argument("--nae", default=str(ASSETS / "cifar10_nae.npz"),
                         help="natural adversarial examples to browse, when the file exists")
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,

@@ -9,9 +9,9 @@ from typing import Callable
 
 import gradio as gr
 
-from editcore import (DEFAULT_EDITORS, MAX_EDITS, MEASURE_PROTOCOLS, MIN_EDITS, PROTOCOL_LABELS, SOURCE_NAE, SOURCE_TEST,
+from editcore import (MAX_EDITS, MEASURE_PROTOCOLS, MIN_EDITS, PROTOCOL_LABELS, SOURCE_NAE, SOURCE_TEST,
                       Lab, MeasureCancelled, MeasureRow, MeasureSettings, ProtocolRuns, ResultCache, SettingsError,
-                      cached_rows, edits_csv, measure, measure_command, results_json, summary_csv)
+                      cached_rows, edits_csv, lesson_editors, measure, measure_command, results_json, summary_csv)
 
 from . import render_measure
 
@@ -74,7 +74,7 @@ class MeasureHandlers:
 
     def initial(self):
         """What the tab shows when it opens: the stored results of the default settings, when there are any."""
-        settings = MeasureSettings().validated(list(self.lab.models))
+        settings = MeasureSettings(editors=lesson_editors(self.lab.models)).validated(list(self.lab.models))
         test, nae = self._sets()
         rows = cached_rows(self.lab.models, settings, test, nae, self.cache) or []
         status = ("Stored results of the default settings, computed once with the command below; change the settings "
@@ -133,7 +133,7 @@ def build_measure_tab(lab: Lab, handlers: MeasureHandlers):
                 seed = gr.Number(value=0, precision=0, label="Seed", elem_id="measure-seed", minimum=0)
         with gr.Row():
             editors = gr.CheckboxGroup([(label, name) for name, label in handlers.editor_labels.items()],
-                                       value=list(DEFAULT_EDITORS), label="Editors", elem_id="measure-editors", scale=3)
+                                       value=list(lesson_editors(lab.models)), label="Editors", elem_id="measure-editors", scale=3)
             models = gr.CheckboxGroup([(lab.models[m].description, m) for m in lab.models], value=list(lab.models),
                                       label="Models", elem_id="measure-models", scale=2)
         with gr.Row():

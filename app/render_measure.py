@@ -245,7 +245,7 @@ def objective_paragraph(card: dict | None) -> str:
             "class), so training rewards weights that one short edit can move; <b>L_loc</b> is the KL divergence "
             "between the predictions on other training images before and after the edit, so training rewards edits "
             "that leave the rest alone. The loss is L_base + c_edit·L_edit + c_loc·L_loc, back-propagated through the "
-            "edit's own steps, and the editor's learning rate (and RMSProp's beta) are learned with the weights.")
+            "edit's own steps, and the editor's learning rate or RMSProp's beta can be learned with the weights.")
     if not card:
         return text
     config = card.get("train_config", {})
@@ -256,8 +256,16 @@ def objective_paragraph(card: dict | None) -> str:
                    f"{config.get('order', 'second')}-order, {card.get('epochs')} epoch(s)"
                    + (f" from {html.escape(str(card.get('init')).replace(chr(92), '/').rsplit('/', 1)[-1])}"
                       if card.get("init") else " from scratch")
-                   + (f"; it learned lr {editor['lr']:.3g}" + (f", beta {editor['beta']:.3f}" if "beta" in editor else "")
-                      if "lr" in editor else "") + ".")
+                   + (f", epoch {card['best_epoch']} kept" if "best_epoch" in card else "")
+                   + (f"; its editor ended at {_editor_settings(editor, card.get('editor_trained'))}" if "lr" in editor
+                      else "") + ".")
+
+
+def _editor_settings(editor: dict, trained: list[str] | None) -> str:
+    """'lr 0.001 (fixed), beta 0.210 (learned)': `trained` names the editor's learned parameters (log_lr,
+    logit_beta, ...; older cards have none: all learned)."""
+    return ", ".join(f"{name} {editor[name]:.3g} ({'learned' if trained is None or any(name in t for t in trained) else 'fixed'})"
+                     for name in editor if name != "name")
 
 
 def history_facts(cards: dict[str, dict]) -> str:

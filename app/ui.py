@@ -19,8 +19,8 @@ from pathlib import Path
 import gradio as gr
 
 from editcore import (DEFAULT_EDITOR, EDITORS, SOURCE_TEST, SOURCE_UPLOADS, BrowseQuery, EditOutcome, EditReport,
-                      EditSettings, HeldOutScore, ImageError, ImageRef, Lab, SettingsError, compare_fixes, read_log,
-                      replay_summary, view_names)
+                      EditSettings, HeldOutScore, ImageError, ImageRef, Lab, SettingsError, compare_fixes,
+                      hyperparameter_text, read_log, replay_summary, view_names)
 
 from . import render, render_measure
 from .measure_tab import MeasureHandlers, build_measure_tab
@@ -69,10 +69,11 @@ def user_errors(fn):
 def _editor_fields(shared, editor: str, session_layers: str | None = None):
     """Learning rate, max steps and layers for a model and editor: the editor's defaults (the learned
     rate as a hint); the layers stay those of the session's edits while it has any."""
-    learned = shared.learned_lr(editor)
+    learned = shared.learned_hyperparameters(editor)
     hint = ("step scale: 1 = the smallest step that reaches the margin" if editor == "local" else
             f"default for {EDITOR_LABELS[editor]}" + (
-                f"; editable training learned {learned:.3g} for this model: try it and compare" if learned else ""))
+                f"; editable training learned {hyperparameter_text(learned)} for this model: the comparison below "
+                "runs it" if learned else ""))
     return (gr.update(value=EDITORS[editor].default_lr, info=hint), gr.update(value=EDITORS[editor].default_max_steps),
             gr.update(choices=list(shared.layer_choices), value=session_layers or shared.layers_for(editor)))
 
@@ -313,7 +314,7 @@ class Handlers:
     @user_errors
     def compare(self, target: str, editor: str, max_steps: float, request: gr.Request, progress=gr.Progress()):
         """API /compare: the selected correction by every method on every model (lookup tables, fine-tuning, the
-        local editor, RMSProp, and the selected editor), each from its unedited model; the session's own edits are
+        local editor, the paper's editor, and the selected editor), each from its unedited model; the session's own edits are
         not touched."""
         ws = self.workspace(request)
         if target not in self.classes:
@@ -507,7 +508,8 @@ def build_demo(lab: Lab) -> gr.Blocks:
                     history_json = gr.JSON()
             with gr.Tab("Compare methods"):
                 gr.Markdown("Correct the selected image to the chosen label with lookup tables, fine-tuning, the local "
-                            "editor and the paper's RMSProp (and the editor selected above, if another) on each model, "
+                            "editor and the paper's editor, as the editable model learned it (and the editor selected "
+                            "above, if another) on each model, "
                             "side by side, each from the unedited weights. Your session's edits are not changed.")
                 compare_button = gr.Button("Compare methods on the selected image", variant="primary",
                                            elem_id="compare")

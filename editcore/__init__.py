@@ -4,8 +4,8 @@ from types import ModuleType as _ModuleType
 # core: the model, its edits and what they are measured on
 from .core.augment_views import augmented_views, generalization, view_families, view_specs
 from .core.checkpoint import Checkpoint, load_checkpoint, read_card, save_checkpoint
-from .core.data import (CLASSES, DataError, ImageSet, augment, load_cifar10, load_sample, load_train_sample, normalize,
-                        resolve_data_root)
+from .core.data import (CLASSES, SHIPPED_MODELS, DataError, ImageSet, augment, load_cifar10, load_sample,
+                        load_train_sample, normalize, resolve_data_root)
 from .core.device import DEFAULT_THREADS, arithmetic, arithmetic_differences, pick_device
 from .core.domain import CIFAR10, Domain
 from .core.edit import EditableModel, EditResult, edit, edit_loss, eval_mode, logit_margins
@@ -21,13 +21,13 @@ from .experiments.fixers import (FIXERS, EditorFixer, FinetuneFixer, Fixer, Look
 from .experiments.metrics import EditRecord, draw_edits, evaluate_edits, summarize
 from .experiments.training import TrainConfig, accuracy, train
 # lab: sessions, sources, comparisons and measurements the app serves
-from .lab.compare import MethodOutcome, compare_fixes
-from .lab.measure import (DEFAULT_EDITORS, MAX_EDITS, MEASURE_PROTOCOLS, MIN_EDITS, PROTOCOL_LABELS, MeasureCancelled,
+from .lab.compare import MethodOutcome, compare_fixes, hyperparameter_text
+from .lab.measure import (MAX_EDITS, MEASURE_PROTOCOLS, MIN_EDITS, PROTOCOL_LABELS, MeasureCancelled,
                           MeasureRow, MeasureSettings, ProtocolRuns, ResultCache, cached_rows, edits_csv, measure,
                           measure_command, prepare_editors, results_json, summary_csv)
 from .lab.session import (DEFAULT_EDITOR, Corrections, EditEntry, EditOutcome, EditReport, EditSession, EditSettings,
-                          HeldOutScore, ImageRef, SettingsError, SharedModel, image_digest, read_log, replay_summary,
-                          view_names)
+                          HeldOutScore, ImageRef, SettingsError, SharedModel, image_digest, lesson_editors, read_log,
+                          replay_summary, view_names)
 from .lab.sources import FolderSetup, add_folder_arguments, folder_setup_from_args, open_folder_setup
 from .lab.workspace import (SORTS, SOURCE_NAE, SOURCE_TEST, SOURCE_UPLOADS, BrowseItem, BrowsePage, BrowseQuery, Lab,
                             Workspace, limit_allocator_retention)

@@ -32,8 +32,9 @@ from .experiments.metrics import evaluate_edits
 from .experiments.torchrun import Ranks
 from .experiments.train_state import load_state
 from .experiments.training import LOC_REFERENCES, RECIPES, SCHEDULES, TrainConfig, accuracy, recipe_config, train
-from .lab.measure import (DEFAULT_EDITORS, DEFAULT_N_EDITS, MEASURE_PROTOCOLS, PROTOCOL_TARGETS, ProtocolSets,
+from .lab.measure import (DEFAULT_N_EDITS, MEASURE_PROTOCOLS, PROTOCOL_TARGETS, ProtocolSets,
                           protocol_editor, protocol_sets)
+from .lab.session import lesson_editors
 from .lab.sources import add_folder_arguments, folder_setup_from_args
 
 
@@ -186,7 +187,7 @@ def run_training(args, device: torch.device) -> int:
     if args.checkpoint_from_state:
         card["from_state"] = {"command": command, "state": args.resume, "epochs_done": summary["epochs_done"], "steps": summary["steps"],
                               "finished": resume["finished"], "weights": "latest" if args.latest else "best epoch"}
-    for key in ("best_epoch", "best_val_score", "editor_trained"):
+    for key in ("best_epoch", "best_val_score", "best_epoch_rule", "editor_trained"):
         if key in summary:
             card[key] = summary[key]
     for key in ("match_ranks", "resumed"):
@@ -327,10 +328,9 @@ def cmd_measure(args) -> int:
     device = pick_device(args.device)
     test_set = load_split("test", args.data_root)
     nae_set = nae_mod.load_nae(args.nae) if args.protocol == "nae" else None
-    checkpoints = named_checkpoints(args.checkpoint or [str(data_mod.ASSETS / f"resnet20_{kind}.safetensors")
-                                                        for kind in ("baseline", "editable")])
+    checkpoints = named_checkpoints(args.checkpoint or [str(path) for path in data_mod.SHIPPED_MODELS.values()])
     models = {name: SharedModel(name, path, test_set, device) for name, path in checkpoints.items()}
-    settings = MeasureSettings(args.protocol, args.n_edits, args.seed, tuple(args.editor or DEFAULT_EDITORS))
+    settings = MeasureSettings(args.protocol, args.n_edits, args.seed, tuple(args.editor or lesson_editors(models)))
     with edits_bar() as bar:
         rows = measure(models, settings, test_set, nae_set, data_root=data_mod.resolve_data_root(args.data_root) is not None,
                        progress=lambda done, total, stage: bar(done, total), bounded=False)
@@ -595,8 +595,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", action="append", default=None, metavar="[NAME=]PATH",
                    help="repeat for several (default: the shipped baseline and editable ResNet-20s)")
     p.add_argument("--editor", action="append", default=None, choices=sorted(EDITORS),
-                   help=f"repeat for several (default: {' and '.join(DEFAULT_EDITORS)}); the checkpoint's learned editor "
-                        "at its learned lr, as evaluate-edits")
+                   help="repeat for several (default: local and the paper's editor, the one a checkpoint learned, else "
+                        "rmsprop); the checkpoint's learned editor as it learned it, as evaluate-edits")
     p.add_argument("--protocol", default="other", choices=sorted(MEASURE_PROTOCOLS),
                    help="other (R), corrections (C) or nae, as evaluate-edits; the whole test set held out")
     p.add_argument("--n-edits", type=int, default=DEFAULT_N_EDITS, help="edits per checkpoint and editor")
@@ -632,7 +632,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("anchor-stats", help="the local editor's anchor statistics for a checkpoint (assets/anchor_stats)")
     add_common(p)
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--layers", default=None, help="the local editor's layers (default: the checkpoint's, else layer3)")
+    p.add_argument("--layers", default=None,
+                   help="the local editor's layers (default: the card's local_layer, else the local editor's layer3)")
     p.add_argument("--passes", type=int, default=1, help="with --data-root: augmented copies of each training image")
     p.add_argument("--seed", type=int, default=0, help="seeds the augmentation")
     p.add_argument("--batch-size", type=int, default=500)

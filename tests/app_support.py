@@ -9,10 +9,9 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from editcore import Lab, create_editor, save_checkpoint  # noqa: E402
+from editcore import SHIPPED_MODELS, Lab, create_editor, save_checkpoint  # noqa: E402
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-SHIPPED = (("baseline", ASSETS / "resnet20_baseline.safetensors"), ("editable", ASSETS / "resnet20_editable.safetensors"))
+SHIPPED = tuple(SHIPPED_MODELS.items())
 _made: tuple[tuple[str, Path], ...] | None = None
 _loaded: Lab | None = None
 

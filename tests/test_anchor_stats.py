@@ -12,7 +12,7 @@ from editcore.core import anchor_stats
 from editcore.core.anchor_stats import (anchor_covariances, read_about, recording_inputs, save_anchor_stats,
                                         shipped_covariances, weights_fingerprint)
 from editcore.core.checkpoint import load_checkpoint
-from editcore.core.data import ASSETS, load_train_sample
+from editcore.core.data import ASSETS, SHIPPED_MODELS, load_train_sample
 from editcore.core.locality import LocalEditor, local_weight_names
 
 from conftest import make_tiny
@@ -69,7 +69,7 @@ def test_recorded_inputs_are_the_unfolded_patches(tmp_path):
     assert counts["body.0.weight"] == len(patches) and torch.allclose(sums["body.0.weight"], patches.T @ patches)
 
 
-@pytest.mark.parametrize("model_name", ["resnet20_baseline", "resnet20_editable"])
+@pytest.mark.parametrize("model_name", [path.stem for path in SHIPPED_MODELS.values()])
 def test_the_shipped_statistics_are_the_shipped_models_and_match_a_recomputation(model_name):
     """The page's two models open with stored statistics; their smallest matrix (layer3's 1x1 shortcut, cheap to
     recompute) equals the covariance of that layer's inputs over the training sample the file names."""
@@ -93,7 +93,7 @@ def test_the_command_writes_statistics_the_editor_finds(tmp_path, capsys):
     it writes is found for those weights and holds the matrix the shipped file holds; a bad request exits 2."""
     from editcore.cli import main
 
-    checkpoint = ASSETS / "resnet20_baseline.safetensors"
+    checkpoint = SHIPPED_MODELS["baseline"]
     out = tmp_path / "stats" / "mine.safetensors"
     assert main(["anchor-stats", "--checkpoint", str(checkpoint), "--layers", "layer3.0.shortcut", "--device", "cpu",
                  "--out", str(out)]) == 0

@@ -81,7 +81,11 @@ def test_fix_a_misclassified_image_in_the_browser(served, tmp_path):
             sync_api.expect(status).to_contain_text("Applied: Edit 1 applied", timeout=120_000)
             sync_api.expect(status).to_contain_text(f"Reached {true_label} in")
             page.locator("#accuracy-plot svg.accuracy-plot").wait_for()
-            page.locator("#fixed-gallery .thumbnail-item").first.wait_for()  # the edited image itself is held out
+            # The flip sets show the held-out images the report counts (the edited image is never among them).
+            sync_api.expect(status).to_contain_text("changed their prediction")
+            n_fixed, n_broken = map(int, re.findall(r"(\d+) fixed, (\d+) broken", status.inner_text())[-1])
+            sync_api.expect(page.locator("#fixed-gallery .thumbnail-item")).to_have_count(n_fixed)
+            sync_api.expect(page.locator("#broken-gallery .thumbnail-item")).to_have_count(n_broken)
             sync_api.expect(page.locator("#views figure")).to_have_count(16)
             sync_api.expect(page.locator("#topk")).to_contain_text(true_label)
             page.screenshot(path=str(tmp_path / "screenshot.png"), full_page=True)
@@ -112,7 +116,10 @@ PROGRESS_WATCH = """() => { window.progressSeen = [];
 
 def test_measure_tab_runs_with_progress_table_plot_and_downloads(served):
     sync_api = pytest.importorskip("playwright.sync_api")
-    url, _ = served
+    from app.ui import EDITOR_LABELS
+    from editcore import lesson_editors
+
+    url, lab = served
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
@@ -126,8 +133,8 @@ def test_measure_tab_runs_with_progress_table_plot_and_downloads(served):
             sync_api.expect(page.locator("#training-history svg.history-panel")).to_have_count(6)
 
             editors, models = page.locator("#measure-editors"), page.locator("#measure-models")
-            editors.get_by_label("Local (projected)").uncheck()
-            editors.get_by_label("RMSProp", exact=True).uncheck()
+            for editor in lesson_editors(lab.models):  # the two checked by default
+                editors.get_by_label(EDITOR_LABELS[editor], exact=True).uncheck()
             editors.get_by_label("Gradient descent").check()
             models.get_by_label(re.compile("editable-trained")).uncheck()
             page.locator("#measure-n input[type=number]").fill("10")

@@ -16,7 +16,7 @@ from PIL import Image
 
 from app import Handlers
 from app_support import make_lab
-from editcore import CLASSES, EDITORS, load_checkpoint
+from editcore import CLASSES, EDITORS, lesson_editors, load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -334,7 +334,7 @@ def test_the_measure_tab_opens_with_the_shipped_results_of_its_default_settings(
                                 "rerun the command it records"
     assert all(row["from_cache"] for row in results["rows"]) and "Stored results" in status
     assert {(r["model"], r["editor"]) for r in results["rows"]} == {(m, e) for m in ("baseline", "editable")
-                                                                    for e in ("local", "rmsprop")}
+                                                                    for e in lesson_editors(handlers.lab.models)}
 
 
 def test_a_compare_row_says_plainly_when_its_method_did_not_fix_the_image(handlers):
@@ -361,7 +361,11 @@ def test_training_history_draws_what_each_card_recorded():
     drawn = training_history({"baseline": baseline, "editable": editable},
                              {"baseline": "base.safetensors", "editable": "editable.safetensors"})
     assert drawn.count("<svg") == 6 and "not recorded" not in drawn and "no editor was learned" not in drawn
-    assert "drawn after the baseline model's 2" in drawn and "c_loc = 1.0" in drawn and "learned lr 0.0002" in drawn
+    assert "drawn after the baseline model's 2" in drawn and "c_loc = 1.0" in drawn
+    assert "ended at lr 0.0002 (learned), beta 0.9 (learned)" in drawn  # a card without editor_trained: all learned
+    fixed_lr = training_history({"editable": {**editable, "editor_trained": ["logit_beta"], "best_epoch": 1}},
+                                {"editable": "editable.safetensors"})
+    assert "epoch 1 kept; its editor ended at lr 0.0002 (fixed), beta 0.9 (learned)" in fixed_lr
     alone = training_history({"baseline": baseline}, {"baseline": "base.safetensors"})
     assert "no model here was trained for edits" in alone and "not recorded: trained without --val-size" in alone
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from editcore import SHIPPED_MODELS
 from editcore.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,7 +49,7 @@ def test_train_on_the_sample_writes_checkpoint_and_card(trained):
 def test_evaluate_edits_json_on_the_sample():
     """The shipped default model as a user would run it (its stored anchor statistics: no 19 s of CPU to compute
     them; test_nae runs evaluate-edits on a freshly trained model)."""
-    proc = run_cli("evaluate-edits", "--checkpoint", ROOT / "assets" / "resnet20_editable.safetensors", "--n-edits", 5,
+    proc = run_cli("evaluate-edits", "--checkpoint", SHIPPED_MODELS["editable"], "--n-edits", 5,
                    "--json")
     assert proc.returncode == 0, proc.stderr
     assert "embedded sample" in proc.stderr
@@ -65,16 +66,16 @@ def test_a_baseline_is_judged_under_the_editor_the_editable_model_learned(monkey
     """--editor-from: the other checkpoint's learned editor (lr and beta), as the paper judges both models; a
     checkpoint that learned no such editor is refused with a clear message."""
     monkeypatch.delenv("EDITLAB_DATA", raising=False)
-    editable = ROOT / "assets" / "resnet20_editable.safetensors"
+    editable, baseline = SHIPPED_MODELS["editable"], SHIPPED_MODELS["baseline"]
     learned = json.loads(editable.with_suffix(".json").read_text())["editor"]
-    args = ["evaluate-edits", "--checkpoint", str(ROOT / "assets" / "resnet20_baseline.safetensors"),
+    args = ["evaluate-edits", "--checkpoint", str(baseline),
             "--editor", learned["name"], "--n-edits", "2", "--heldout-size", "50", "--device", "cpu", "--json"]
     assert main([*args, "--editor-from", str(editable)]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["editor_learned"] and summary["editor_from"] == str(editable)
     assert summary["editor_hparams"] == pytest.approx({"lr": learned["lr"], "beta": learned["beta"]})
-    assert main([*args, "--editor-from", str(ROOT / "assets" / "resnet20_baseline.safetensors")]) == 2
-    assert "learned no rmsprop editor" in capsys.readouterr().err
+    assert main([*args, "--editor-from", str(baseline)]) == 2
+    assert f"learned no {learned['name']} editor" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -199,14 +199,13 @@ def test_the_guard_keeps_as_many_rows_as_a_check_may_cost(monkeypatch):
 
 def test_the_shipped_resnet20_guards_exactly_the_default_rows():
     """GUARD_FLOPS is DEFAULT_GUARD checks of a shipped ResNet-20 row: the page's model keeps all DEFAULT_GUARD."""
-    from pathlib import Path
-
     from torch.utils.flop_counter import FlopCounterMode
 
+    from editcore import SHIPPED_MODELS
     from editcore.core.checkpoint import load_checkpoint
     from editcore.core.locality import DEFAULT_GUARD, GUARD_FLOPS
 
-    model = load_checkpoint(Path(__file__).parents[1] / "assets" / "resnet20_editable.safetensors").model
+    model = load_checkpoint(SHIPPED_MODELS["editable"]).model
     editable = EditableModel(model, "layer3")
     with torch.no_grad():
         one_row = editable.features(torch.zeros(1, 3, 32, 32))

@@ -12,8 +12,9 @@ from PIL import Image
 
 from app_support import make_lab
 from editcore import (CLASSES, EDITORS, SOURCE_TEST, SOURCE_UPLOADS, BrowseQuery, EditSession, EditSettings, ImageError,
-                      ImageRef, SettingsError, compare_fixes, decode_image, load_checkpoint, normalize, read_log,
-                      replay_summary)
+                      ImageRef, SettingsError, compare_fixes, create_editor, decode_image, lesson_editors,
+                      load_checkpoint, normalize, read_log, replay_summary)
+from editcore.lab.compare import EDITOR_TITLES
 
 
 @pytest.fixture(scope="module")
@@ -278,7 +279,8 @@ def test_one_feature_cache_per_model_and_split(lab):
     with shared.replica() as replica:
         assert shared._evaluator_on(replica, "layer3.0.conv1").features.data_ptr() == \
             shared.evaluator("layer3").features.data_ptr()
-    assert len(shared.primary.evaluators) == 1
+    # One cache per stage the model's edits start at: layer3's (every layer3 variant's), and its default layers'.
+    assert len(shared.primary.evaluators) == len({shared.evaluator("layer3"), shared.evaluator(shared.default_layers)})
 
 
 @pytest.mark.parametrize("mutate, message", [
@@ -444,7 +446,7 @@ def test_edits_share_a_memory_budget_that_refuses_rather_than_drops_recent_work(
     one_edit = probe.session("baseline").edit_bytes("layer3")
     registry, clock = registry_with_clock(lab, max_edit_bytes=int(2.5 * one_edit))
     a, b = registry.get("a"), registry.get("b")
-    settings = EditSettings(editor="rmsprop", lr=1e-3, max_steps=30)
+    settings = EditSettings(editor="rmsprop", lr=1e-3, max_steps=30, layers="layer3")
     item = first_misclassified(a)
     b.select(item.ref)
     assert a.apply("baseline", item.label, settings).applied
@@ -465,17 +467,20 @@ def test_compare_runs_every_method_on_both_models_from_the_unedited_models(ws, l
     titles = [o.title for o in outcomes]
     both = lambda method: [f"{method} (baseline model)", f"{method} (editable model)"]  # noqa: E731
     on_both = lambda method: [f"{method} on the baseline model", f"{method} on the editable model"]  # noqa: E731
-    # Whatever the page has selected (here gradient descent), the local editor and RMSProp are always there.
+    # Whatever the page has selected (here gradient descent), the local editor and the paper's are always there: the
+    # paper's as the editable model learned it (its editor), untrained on both models and as learned on the editable.
+    paper = lesson_editors(lab.models)[1]
+    assert paper == lab.models["editable"].learned_editor.name and paper != "gd"
+    title = EDITOR_TITLES[paper]
     assert titles == [*both("Lookup table, exact match"), *both("Lookup table, nearest neighbour"), *both("Fine-tuning"),
-                      *on_both("Local editor"), *on_both("RMSProp (the paper's editor)"),
-                      "RMSProp (the paper's editor) on the editable model, learned rate", *on_both("Gradient descent")]
+                      *on_both("Local editor"), *on_both(title), f"{title} on the editable model, as learned",
+                      *on_both("Gradient descent")]
     assert len(views) == 16 and all(len(o.views_after) == 16 for o in outcomes)
     by_title = dict(zip(titles, outcomes))
-    learned = lab.models["editable"].learned_editor.hyperparameters()
-    assert by_title["RMSProp (the paper's editor) on the editable model, learned rate"].hyperparameters["lr"] == \
-        pytest.approx(learned["lr"])
-    assert by_title["RMSProp (the paper's editor) on the editable model"].hyperparameters["lr"] == \
-        pytest.approx(EDITORS["rmsprop"].default_lr)
+    for row, expected in ((f"{title} on the editable model, as learned", lab.models["editable"].learned_editor),
+                          (f"{title} on the editable model", create_editor(paper))):
+        used = by_title[row].hyperparameters
+        assert {k: used[k] for k in expected.hyperparameters()} == pytest.approx(expected.hyperparameters()), row
     assert by_title["Local editor on the baseline model"].max_steps == EDITORS["local"].default_max_steps
     assert by_title["Gradient descent on the baseline model"].max_steps == 20  # the page's steps for its own editor
     exact = outcomes[0]
@@ -502,7 +507,7 @@ def test_without_a_data_root_the_replay_set_is_the_shipped_training_sample(lab):
 def test_mixed_precision_held_out_predictions_equal_float32(lab):
     """bfloat16 re-evaluation with float32 for low-margin rows predicts exactly what float32 does (the float32
     cached evaluator here; tests/test_metrics.py checks that it predicts what the whole model does)."""
-    from editcore import SharedModel, create_editor, edit
+    from editcore import SharedModel, edit
 
     reference = lab.models["baseline"]
     mixed = SharedModel("mixed", reference.path, lab.sources[SOURCE_TEST], mixed_precision=True)

@@ -161,6 +161,8 @@ def test_paper_recipe_on_the_sample_writes_a_card_with_the_outer_and_editor_sett
     assert card["editor_trained"] == ["logit_beta"]
     assert [set(r) >= {"loss_base", "val_error", "val_drawdown", "editor", "grad_norm"} for r in card["history"]] == [True] * 2
     assert card["best_epoch"] in (1, 2) and card["data"]["n_train"] == 96
+    assert card["best_epoch_rule"] == ("the epoch with the lowest validation error + drawdown of 2 seeded edits on the last "
+                                       "32 training images (held out); stop after 20 epochs without a better one")
     assert card["command"].startswith("python -m editcore train --recipe paper")
     assert card["resumed"][0]["command"].startswith("python -m editcore train --resume")
 

@@ -8,7 +8,8 @@
 set -eu
 cd "$(dirname "$0")/.."
 DROP=(runs docs tests bench app assets/anchor_stats assets/cifar10_train_sample.npz assets/cifar10_nae.npz
-      assets/resnet20_editable.safetensors assets/resnet20_matchranks.safetensors assets/resnet20_editable_paper.safetensors)
+      assets/resnet20_editable.safetensors assets/resnet20_matchranks.safetensors assets/resnet20_editable_paper.safetensors
+      assets/resnet20_scratch_baseline.safetensors assets/resnet20_scratch_editable.safetensors)
 EXCLUDE=.git/info/exclude MARK="# device_tree.sh shrink"
 case ${1:-} in
 shrink)

@@ -24,6 +24,9 @@ ASSETS = Path(__file__).resolve().parents[2] / "assets"  # editcore/core/data.py
 SAMPLE_PATH = ASSETS / "cifar10_test_sample.npz"
 TRAIN_SAMPLE_PATH = ASSETS / "cifar10_train_sample.npz"
 TRAIN_SAMPLE_SOURCE = "cifar10-train-sample"  # ImageSet.source of the shipped training sample
+# The page's default models: the paper's editable training from scratch and its baseline (docs/RESULTS.md, issue 20)
+SHIPPED_MODELS = {"baseline": ASSETS / "resnet20_scratch_baseline.safetensors",
+                  "editable": ASSETS / "resnet20_scratch_editable.safetensors"}
 DOWNLOAD_HINT = (
     "To download CIFAR-10 (needs internet): python -m editcore download-cifar10 --data-root DIR"
 )

@@ -265,6 +265,13 @@ def validate(editable: EditableModel, editor: Editor | None, val_set: ImageSet, 
     return record
 
 
+def best_epoch_rule(config: TrainConfig, edits: bool) -> str:
+    """`validate`'s rule in words, for the model card."""
+    scored = f"error + drawdown of {config.val_edits} seeded edits" if edits and config.val_edits else "error"
+    stop = f"; stop after {config.patience} epochs without a better one" if config.patience else ""
+    return f"the epoch with the lowest validation {scored} on the last {config.val_size} training images (held out){stop}"
+
+
 def rng_states(data_gen: torch.Generator, edit_gen: torch.Generator, device: torch.device) -> list[dict]:
     """Every rank's generator states (a collective: all ranks call it), rank order."""
     mine = {"torch": torch.get_rng_state(), "data": data_gen.get_state(), "edit": edit_gen.get_state()}
@@ -485,6 +492,7 @@ def train(
             editor.load_state_dict(best["editor"])
         summary["best_epoch"] = best["epoch"]
         summary["best_val_score"] = best["score"]
+        summary["best_epoch_rule"] = best_epoch_rule(config, editor is not None)
         log(f"keeping epoch {best['epoch']} (validation error + drawdown {best['score']:.4f})")
     if editor is not None:
         summary["editor_trained"] = [n for n, p in editor.named_parameters() if p.requires_grad]

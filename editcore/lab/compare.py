@@ -18,7 +18,7 @@ from ..core.augment_views import augmented_views
 from ..core.data import TRAIN_SAMPLE_SOURCE, ImageSet
 from ..core.editors import EDITORS
 from ..experiments.fixers import FINETUNE_DEFAULTS, EditorFixer, FinetuneFixer, Fixer, LookupFixer
-from .session import SettingsError, SharedModel
+from .session import SettingsError, SharedModel, lesson_editors
 
 
 @dataclass
@@ -90,17 +90,14 @@ def finetune_detail(fixer: FinetuneFixer) -> str:
             f"{fixer.max_steps} steps (stops when the target is the top class), {replay}")
 
 
-# The editors every comparison shows, whatever the page has selected: the page's local editor and the paper's RMSProp.
-LESSON_EDITORS = ("local", "rmsprop")
-
-
 def compare_fixes(models: dict[str, SharedModel], image: torch.Tensor, target: int, editor: str, max_steps: int,
                   replay: ImageSet | None = None, finetune_steps: int = FINETUNE_DEFAULTS["max_steps"],
                   heldout_row: int | None = None,
                   progress: Callable[[float, str], None] = lambda f, s: None) -> tuple[torch.Tensor, list[MethodOutcome]]:
     """Fix `image` (uint8 (3,H,W)) to `target` with every method on every model; returns (augmented views,
-    outcomes), grouped by method: the lookup tables (exact, nearest neighbour), fine-tuning, the local editor and
-    RMSProp at their defaults, RMSProp at the rate editable training learned (where a model learned one), and
+    outcomes), grouped by method: the lookup tables (exact, nearest neighbour), fine-tuning, the page's two editors
+    (`lesson_editors`: the local one and the paper's) at their defaults, the paper's as editable training learned
+    it (where a model learned one), and
     `editor` (the page's selection, at `max_steps`) when it is another.
     `replay`: training images that fine-tuning mixes in (None: the shipped training sample); fine-tuning uses the
     library defaults (`FINETUNE_DEFAULTS`) on each model's editable layers and stops at the first step that fixes
@@ -111,7 +108,8 @@ def compare_fixes(models: dict[str, SharedModel], image: torch.Tensor, target: i
     if editor not in EDITORS:
         raise SettingsError(f"editor must be one of {', '.join(EDITORS)}, got {editor!r}")
     views = augmented_views(image)
-    editors = [*LESSON_EDITORS, *([editor] if editor not in LESSON_EDITORS else [])]
+    lesson = lesson_editors(models)  # every comparison shows them, whatever the page has selected
+    editors = [*lesson, *([editor] if editor not in lesson else [])]
     plans: list[tuple[str, str, SharedModel, Callable[[], Fixer]]] = []
     for name, shared in models.items():
         plans.append((f"Lookup table, exact match ({name} model)", "overrides the prediction only for this exact image",
@@ -133,9 +131,10 @@ def compare_fixes(models: dict[str, SharedModel], image: torch.Tensor, target: i
                           f"{kind}, {rate} {lr:.3g} (the default), up to {steps} steps on {layers}", shared,
                           lambda shared=shared, layers=layers, kind=kind, lr=lr, steps=steps:
                           EditorFixer(shared.editable(layers), shared.make_editor(kind, lr), steps)))
-            if shared.learned_lr(kind) is not None:
-                plans.append((f"{title} on the {name} model, learned rate",
-                              f"{kind} as editable training learned it (lr {shared.learned_lr(kind):.3g}), "
+            if shared.learned_hyperparameters(kind) is not None:
+                plans.append((f"{title} on the {name} model, as learned",
+                              f"{kind} as editable training learned it "
+                              f"({hyperparameter_text(shared.learned_hyperparameters(kind))}), "
                               f"up to {steps} steps on {shared.default_layers}", shared,
                               lambda shared=shared, steps=steps: EditorFixer(shared.editable(shared.default_layers),
                                                                              shared.learned_editor, steps)))
@@ -144,6 +143,11 @@ def compare_fixes(models: dict[str, SharedModel], image: torch.Tensor, target: i
         progress(i / len(plans), title)
         outcomes.append(_run(title, detail, shared, make(), image, target, views, heldout_row))
     return views, outcomes
+
+
+def hyperparameter_text(hyperparameters: dict[str, float]) -> str:
+    """An editor's hyper-parameters in words: 'lr 0.001, beta 0.21'."""
+    return ", ".join(f"{name} {value:.3g}" for name, value in hyperparameters.items())
 
 
 EDITOR_TITLES = {"local": "Local editor", "rmsprop": "RMSProp (the paper's editor)", "rmsprop-paper":

@@ -33,7 +33,7 @@ from ..core.heldout import EVAL_BATCH, HeldOutEvaluator, full_logits
 from ..experiments.metrics import evaluate_edits
 from ..experiments.nae import heldout_part
 from ..experiments.nae import HELDOUT as NAE_HELDOUT
-from .session import SettingsError, SharedModel, whole_number
+from .session import SettingsError, SharedModel, lesson_editors, whole_number
 
 # --protocol of evaluate-edits -> draw_edits' target kind.
 PROTOCOL_TARGETS = {"other": "other", "corrections": "corrections", "random": "random", "nae": "true"}
@@ -46,7 +46,6 @@ PROTOCOL_LABELS = {
 MEASURE_PROTOCOLS = ("other", "corrections", "nae")  # what the Measure tab offers
 MIN_EDITS, MAX_EDITS = 10, 500  # per model and editor; a run of the tab does at most 4 models x 6 editors x 500
 DEFAULT_N_EDITS = 100
-DEFAULT_EDITORS = (DEFAULT_EDITOR, "rmsprop")  # the page's local editor and the paper's RMSProp
 SHIPPED_RESULTS = ASSETS / "measure_defaults.json"  # the embedded sample's; measure_defaults_*.json: other held-out sets
 RESULTS_FORMAT, RESULTS_VERSION = "editlab-measurement", 1
 MAX_CACHED_ROWS = 256  # a row keeps N per-edit records (~100 bytes each)
@@ -115,7 +114,7 @@ class MeasureSettings:
     protocol: str = "other"
     n_edits: int = DEFAULT_N_EDITS
     seed: int = 0
-    editors: tuple[str, ...] = DEFAULT_EDITORS
+    editors: tuple[str, ...] = (DEFAULT_EDITOR,)  # the page and the CLI ask for lesson_editors(models)
     models: tuple[str, ...] = ()
 
     def validated(self, models: list[str], bounded: bool = True) -> "MeasureSettings":
@@ -351,12 +350,12 @@ def _plan(shared: SharedModel, name: str, settings: MeasureSettings, sets: Proto
     return _Plan(shared, editor, learned, layers, key, None, settings.n_edits)
 
 
-def prepare_editors(models: dict[str, SharedModel], editors: tuple[str, ...] = DEFAULT_EDITORS) -> None:
+def prepare_editors(models: dict[str, SharedModel], editors: tuple[str, ...] | None = None) -> None:
     """Compute once what an editor needs per model before its first edit (the local editor's anchor subspace and
     guarded rows, a few seconds of CPU), so that a protocol run's first edits, and the first visitor's, do not wait for it.
-    The app's server calls it in the background at start."""
+    The app's server calls it in the background at start. editors None: the page's, `lesson_editors`."""
     for shared in models.values():
-        for name in editors:
+        for name in editors or lesson_editors(models):
             editor = create_editor(name)
             if hasattr(editor, "subspace"):
                 with shared.replica() as replica:

@@ -219,12 +219,12 @@ class SharedModel:
         accuracy = self.card.get("test_accuracy")
         return text if accuracy is None else f"{text}, test accuracy {accuracy:.1%}"
 
-    def learned_lr(self, editor: str) -> float | None:
-        """The rate editable training learned for this editor, if this checkpoint learned it. Only shown,
-        never the default: the shipped editable model's learned RMSProp rate costs ~60 points of
-        held-out accuracy per edit (docs/RESULTS.md), the tuned default ~11."""
+    def learned_hyperparameters(self, editor: str) -> dict[str, float] | None:
+        """What editable training learned for this editor (lr, betas), if this checkpoint learned it. Only shown
+        and compared, never the page's default: a learned rate can cost far more than the default (the H200
+        editable model's learned RMSProp rate ~60 points of held-out accuracy per edit, docs/RESULTS.md)."""
         if self.learned_editor is not None and self.learned_editor.name == editor:
-            return self.learned_editor.hyperparameters()["lr"]
+            return self.learned_editor.hyperparameters()
         return None
 
     def layers_for(self, editor: str) -> str:
@@ -308,6 +308,13 @@ class SharedModel:
             state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         state.update({k: v.detach().clone() for k, v in params.items()})
         return state
+
+
+def lesson_editors(models: dict[str, SharedModel]) -> tuple[str, str]:
+    """The editors the page puts side by side: its local editor and the paper's gradient editor, the one editable
+    training learned where a loaded model learned one (the shipped pair: the paper code's RMSProp), else RMSProp."""
+    learned = [shared.learned_editor.name for shared in models.values() if shared.learned_editor is not None]
+    return DEFAULT_EDITOR, learned[0] if learned else "rmsprop"
 
 
 def encode_pixels(image: torch.Tensor) -> str:
