@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -43,6 +44,13 @@ def test_protocol_sets_are_evaluate_edits_sets():
         protocol_sets("nae", test)
     with pytest.raises(SettingsError, match="protocol must be"):
         protocol_sets("sideways", test)
+
+
+def test_the_lesson_puts_the_editor_editable_training_learned_beside_the_local_one():
+    untrained = SimpleNamespace(learned_editor=None)  # lesson_editors reads only this of a SharedModel
+    paper = SimpleNamespace(learned_editor=create_editor("rmsprop-paper"))
+    assert lesson_editors({"baseline": untrained}) == ("local", "rmsprop")
+    assert lesson_editors({"baseline": untrained, "editable": paper}) == ("local", "rmsprop-paper")
 
 
 def test_protocol_editor_is_the_learned_one_only_when_evaluate_edits_would_take_it():
