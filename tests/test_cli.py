@@ -86,6 +86,16 @@ def test_info_prints_the_card(trained):
     assert json.loads(proc.stdout) == json.loads(out.with_suffix(".json").read_text())
 
 
+def test_info_prints_how_the_shipped_models_were_trained(capsys):
+    """The page's models: `info` gives the recipe, the epochs trained, the one kept and the rule that kept it."""
+    for path in SHIPPED_MODELS.values():
+        assert main(["info", str(path)]) == 0
+        card = json.loads(capsys.readouterr().out)
+        assert card["train_config"]["optimizer"] == "adam" and card["recipe"] in ("paper", "default")
+        assert card["best_epoch"] < card["epochs"] == len(card["history"])
+        assert "lowest validation error" in card["best_epoch_rule"] and card["resumed"]
+
+
 @pytest.mark.slow
 def test_editable_training_on_the_sample_stores_the_learned_editor(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("EDITLAB_DATA", raising=False)
