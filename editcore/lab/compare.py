@@ -131,10 +131,9 @@ def compare_fixes(models: dict[str, SharedModel], image: torch.Tensor, target: i
                           f"{kind}, {rate} {lr:.3g} (the default), up to {steps} steps on {layers}", shared,
                           lambda shared=shared, layers=layers, kind=kind, lr=lr, steps=steps:
                           EditorFixer(shared.editable(layers), shared.make_editor(kind, lr), steps)))
-            if shared.learned_hyperparameters(kind) is not None:
+            if (learned := shared.learned_hyperparameters(kind)) is not None:
                 plans.append((f"{title} on the {name} model, as learned",
-                              f"{kind} as editable training learned it "
-                              f"({hyperparameter_text(shared.learned_hyperparameters(kind))}), "
+                              f"{kind} as editable training learned it ({hyperparameter_text(learned)}), "
                               f"up to {steps} steps on {shared.default_layers}", shared,
                               lambda shared=shared, steps=steps: EditorFixer(shared.editable(shared.default_layers),
                                                                              shared.learned_editor, steps)))

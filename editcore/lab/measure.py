@@ -354,8 +354,9 @@ def prepare_editors(models: dict[str, SharedModel], editors: tuple[str, ...] | N
     """Compute once what an editor needs per model before its first edit (the local editor's anchor subspace and
     guarded rows, a few seconds of CPU), so that a protocol run's first edits, and the first visitor's, do not wait for it.
     The app's server calls it in the background at start. editors None: the page's, `lesson_editors`."""
+    editors = editors or lesson_editors(models)
     for shared in models.values():
-        for name in editors or lesson_editors(models):
+        for name in editors:
             editor = create_editor(name)
             if hasattr(editor, "subspace"):
                 with shared.replica() as replica:
